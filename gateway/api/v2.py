@@ -1,0 +1,162 @@
+"""Open Inference Protocol (KServe V2) REST endpoints: HTTP in, `DataPlane` calls, HTTP out. Nothing else."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from gateway.api.errors import error_response
+from gateway.dataplane import DataPlane, InferCall
+from gateway.errors import GatewayError, InvalidInput, NotReady, PayloadTooLarge
+from gateway.protocol import types
+
+HEADER_LENGTH = "inference-header-content-length"
+REQUEST_ID = "x-request-id"
+VARIANT = "x-gatewatch-variant"
+TIMEOUT = "x-gatewatch-timeout-ms"
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": types.ErrorResponse, "description": description}
+    for status, description in (
+        (400, "Bad input: what was wrong and what was expected"),
+        (404, "Unknown model, version or endpoint"),
+        (413, "Body over max_body_bytes"),
+        (429, "Queue full (Retry-After)"),
+        (503, "Not ready (Retry-After)"),
+        (504, "Deadline passed"),
+    )
+}
+
+_INFER_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "JSON header followed by binary tensors (Inference-Header-Content-Length).",
+            },
+        },
+    }
+}
+
+
+def _json(payload: dict[str, Any], status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status, media_type="application/json")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` (never buffered whole)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds max_body_bytes={limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds max_body_bytes={limit}")
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _positive_number(raw: str | None, header: str) -> float | None:
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise InvalidInput(f"header {header} must be a positive number, got {raw!r}")
+    return value
+
+
+def _header_length(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise InvalidInput(f"header Inference-Header-Content-Length must be a non-negative integer, got {raw!r}")
+    return int(raw)
+
+
+def build_v2_router(dataplane: DataPlane, max_body_bytes: int) -> APIRouter:
+    router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"])
+
+    @router.get("/health/live", response_model=types.LiveResponse)
+    async def server_live() -> Response:
+        return _json({"live": True})
+
+    @router.get("/health/ready", response_model=types.ReadyResponse, responses={503: _ERRORS[503]})
+    async def server_ready() -> Response:
+        if not dataplane.ready():
+            raise NotReady("models are still loading")
+        return _json({"ready": True})
+
+    @router.get("", response_model=types.ServerMetadata)
+    @router.get("/", response_model=types.ServerMetadata, include_in_schema=False)
+    async def server_metadata() -> Response:
+        return _json(dataplane.server_metadata())
+
+    @router.get("/models/{name}", response_model=types.ModelMetadata, responses={404: _ERRORS[404]})
+    async def model_metadata(name: str) -> Response:
+        return _json(dataplane.model_metadata(name, None))
+
+    @router.get(
+        "/models/{name}/versions/{version}", response_model=types.ModelMetadata, responses={404: _ERRORS[404]}
+    )
+    async def model_version_metadata(name: str, version: str) -> Response:
+        return _json(dataplane.model_metadata(name, version))
+
+    @router.get("/models/{name}/ready", response_model=types.ModelReadyResponse, responses={404: _ERRORS[404]})
+    async def model_ready(name: str) -> Response:
+        return _json({"name": name, "ready": dataplane.model_ready(name, None)})
+
+    @router.get(
+        "/models/{name}/versions/{version}/ready",
+        response_model=types.ModelReadyResponse,
+        responses={404: _ERRORS[404]},
+    )
+    async def model_version_ready(name: str, version: str) -> Response:
+        return _json({"name": name, "ready": dataplane.model_ready(name, version)})
+
+    async def infer(request: Request, name: str, version: str | None) -> Response:
+        request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
+        headers = {REQUEST_ID: request_id}
+        try:
+            call = InferCall(
+                name=name,
+                version=version,
+                body=await read_body(request, max_body_bytes),
+                header_length=_header_length(request.headers.get(HEADER_LENGTH)),
+                request_id=request_id,
+                timeout_ms=_positive_number(request.headers.get(TIMEOUT), TIMEOUT),
+            )
+            answer = await dataplane.infer(call)
+        except GatewayError as exc:
+            return error_response(exc, headers)
+        headers[VARIANT] = answer.variant
+        if answer.header_length is None:
+            return Response(answer.body, headers=headers, media_type="application/json")
+        headers[HEADER_LENGTH] = str(answer.header_length)
+        return Response(answer.body, headers=headers, media_type="application/octet-stream")
+
+    infer_docs: dict[str, Any] = {
+        "response_model": types.InferenceResponse,
+        "responses": _ERRORS,
+        "openapi_extra": _INFER_BODY,
+    }
+
+    @router.post("/models/{name}/infer", **infer_docs)
+    async def model_infer(name: str, request: Request) -> Response:
+        return await infer(request, name, None)
+
+    @router.post("/models/{name}/versions/{version}/infer", **infer_docs)
+    async def model_version_infer(name: str, version: str, request: Request) -> Response:
+        return await infer(request, name, version)
+
+    return router

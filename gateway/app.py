@@ -1,0 +1,116 @@
+"""The composition root: `create_app(settings)` builds every part; its lifespan opens and closes them in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from starlette.responses import Response
+
+from gateway.api.errors import install_error_handlers
+from gateway.api.v2 import build_v2_router
+from gateway.dataplane import SERVER_VERSION, DataPlane
+from gateway.metrics import GatewayMetrics, render
+from gateway.protocol.types import InferenceRequest
+from gateway.runtime.batcher import BatchLimits
+from gateway.runtime.manager import ModelManager
+from gateway.runtime.runner import SessionOptions
+from gateway.settings import Settings, load_settings
+from registry_client.errors import RegistryUnavailable
+from registry_client.local import open_registry
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, metrics_registry: CollectorRegistry | None = None) -> FastAPI:
+    metrics = GatewayMetrics(metrics_registry or CollectorRegistry())
+    executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="onnxruntime")
+    registry = open_registry(settings.registry)
+    manager = ModelManager(
+        registry,
+        executor,
+        metrics,
+        SessionOptions(settings.ort_intra_op_threads, settings.ort_inter_op_threads),
+        lambda model: _batch_limits(settings, model),
+    )
+    dataplane = DataPlane(manager, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        logger.info("registry: %s", registry.description)
+        try:
+            await manager.sync()
+        except RegistryUnavailable as exc:
+            logger.error("registry unavailable at start (%s); not ready until it answers", exc)
+        poller = asyncio.create_task(manager.poll_forever(settings.registry_poll_seconds), name="registry poller")
+        try:
+            yield
+        finally:
+            # uvicorn has stopped accepting and answered in-flight requests by now.
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+            await manager.aclose()  # drain every batcher
+            executor.shutdown(wait=True)
+            await registry.aclose()
+
+    app = FastAPI(
+        title="gatewatch",
+        version=SERVER_VERSION,
+        description="Open Inference Protocol (KServe V2) gateway over versioned ONNX models.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(build_v2_router(dataplane, settings.max_body_bytes))
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        body, content_type = render(metrics.registry)
+        return Response(body, media_type=content_type)
+
+    _document_infer_request(app)
+    app.state.dataplane = dataplane
+    app.state.metrics = metrics
+    return app
+
+
+def create_app_from_environment() -> FastAPI:
+    """Factory for `uvicorn --factory` worker processes: settings from GATEWATCH_CONFIG and GATEWATCH_* env."""
+    import os
+    from pathlib import Path
+
+    config = os.environ.get("GATEWATCH_CONFIG")
+    return create_app(load_settings(Path(config) if config else None))
+
+
+def _batch_limits(settings: Settings, model: str) -> BatchLimits:
+    rows, delay = settings.batch_limits(model)
+    return BatchLimits(
+        max_batch_size=rows,
+        max_queue_delay_ms=delay,
+        max_queue_size=settings.max_queue_size,
+        max_concurrency=settings.inference_threads,
+    )
+
+
+def _document_infer_request(app: FastAPI) -> None:
+    """The infer routes read raw bytes (JSON or binary); publish the V2 request schema for them anyway."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            defs = InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(defs.pop("$defs", {}))
+            components["InferenceRequest"] = defs
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

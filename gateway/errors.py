@@ -1,0 +1,53 @@
+"""Errors the gateway answers with, each carrying its HTTP status.
+
+    GatewayError (500)
+     ├── InvalidInput (400)        wrong tensor name, shape, datatype, data length or encoding
+     ├── ModelNotFound (404)       unknown model, version or endpoint
+     ├── PayloadTooLarge (413)     body over max_body_bytes
+     ├── Overloaded (429)          a model version's queue is full       -> Retry-After
+     ├── NotReady (503)            nothing loaded to serve this yet        -> Retry-After
+     └── DeadlineExceeded (504)    the request's deadline passed while it waited
+
+`gateway/api/errors.py` turns every one of them into `{"error": message}`; nothing else maps errors to HTTP.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    status_code = 500
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class InvalidInput(GatewayError):
+    status_code = 400
+
+
+class ModelNotFound(GatewayError):
+    status_code = 404
+
+
+class PayloadTooLarge(GatewayError):
+    status_code = 413
+
+
+class Overloaded(GatewayError):
+    status_code = 429
+
+    def __init__(self, message: str, *, retry_after: float | None = 1.0) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+class NotReady(GatewayError):
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after: float | None = 1.0) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+class DeadlineExceeded(GatewayError):
+    status_code = 504

@@ -1,0 +1,105 @@
+"""GatewayMetrics: every gateway metric of design.md, on an injected registry.
+
+With several worker processes (`workers > 1`), `PROMETHEUS_MULTIPROC_DIR` is set by the CLI before any worker
+starts; prometheus-client then writes values to per-process files and `render()` aggregates them, so `/metrics`
+is correct whichever worker answers the scrape.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+REQUEST_LABELS = ("endpoint", "variant", "model", "version")
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "gatewatch_requests", "Inference requests answered.", (*REQUEST_LABELS, "code"), registry=registry
+        )
+        self.request_duration = Histogram(
+            "gatewatch_request_duration_seconds",
+            "Time from request arrival to response, in the gateway.",
+            REQUEST_LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inference_duration = Histogram(
+            "gatewatch_inference_duration_seconds",
+            "onnxruntime run time per batch.",
+            ("model", "version"),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "gatewatch_batch_size", "Rows per onnxruntime run.", ("model", "version"), buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "gatewatch_queue_depth", "Requests waiting for a batch.", ("model", "version"),
+            multiprocess_mode="livesum", registry=registry,
+        )
+        self.in_flight = Gauge(
+            "gatewatch_requests_in_flight", "Inference requests being handled.", multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.model_loaded = Gauge(
+            "gatewatch_model_loaded", "1 while a model version is loaded and serving.", ("model", "version"),
+            multiprocess_mode="livemax", registry=registry,
+        )
+        self.model_load_failures = Counter(
+            "gatewatch_model_load_failures", "Model versions refused at load.", ("model", "version", "reason"),
+            registry=registry,
+        )
+        self.model_reloads = Counter(
+            "gatewatch_model_reloads", "Registry changes applied or refused.", ("model", "outcome"),
+            registry=registry,
+        )
+
+    def for_version(self, model: str, version: int) -> VersionMetrics:
+        labels = (model, str(version))
+        return VersionMetrics(
+            batch_size=self.batch_size.labels(*labels),
+            inference_duration=self.inference_duration.labels(*labels),
+            queue=self.queue_depth.labels(*labels),
+        )
+
+
+@dataclass(frozen=True)
+class VersionMetrics:
+    """The metric children of one model version, resolved once so the hot path skips label lookups."""
+
+    batch_size: Histogram
+    inference_duration: Histogram
+    queue: Gauge
+
+    def batch_ran(self, rows: int, seconds: float) -> None:
+        self.batch_size.observe(rows)
+        self.inference_duration.observe(seconds)
+
+    def queue_depth(self, depth: int) -> None:
+        self.queue.set(depth)
+
+
+def render(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The exposition for `/metrics`: this process's registry, or every worker's in multiprocess mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        aggregate = CollectorRegistry()
+        multiprocess.MultiProcessCollector(aggregate)
+        return generate_latest(aggregate), CONTENT_TYPE_LATEST
+    return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,224 @@
+"""AdaptiveBatcher: stacks concurrent requests for one model version along the batch dimension.
+
+A batch forms from what is already waiting when a run slot frees up, so under load batches grow by themselves
+while the previous ones run, and a lone request on an idle model is dispatched at once: it never waits for
+company. When the waiting requests already show concurrency, the batcher may hold the batch open for up to
+`max_queue_delay_ms` (counted from its oldest request's arrival) to fill it to `max_batch_size` rows.
+
+The queue is bounded: a full queue answers `Overloaded` (429 + Retry-After) immediately.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from gateway.errors import DeadlineExceeded, GatewayError, NotReady, Overloaded
+from gateway.runtime.runner import OnnxRunner
+
+logger = logging.getLogger(__name__)
+
+
+class BatchObserver(Protocol):
+    """Where a batcher reports what it does (the gateway's metrics, bound to one model version)."""
+
+    def batch_ran(self, rows: int, seconds: float) -> None: ...
+
+    def queue_depth(self, depth: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 2.0
+    max_queue_size: int = 512
+    max_concurrency: int = 2
+
+
+class InferenceFailed(GatewayError):
+    status_code = 500
+
+
+@dataclass(eq=False)
+class _Pending:
+    inputs: dict[str, np.ndarray]
+    rows: int
+    future: asyncio.Future[list[np.ndarray]]
+    arrived: float
+    deadline: float | None
+    compat: tuple[object, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Requests stack only when every non-batch dimension and dtype agree.
+        self.compat = tuple((name, a.shape[1:], a.dtype.str) for name, a in sorted(self.inputs.items()))
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+
+class AdaptiveBatcher:
+    def __init__(self, runner: OnnxRunner, limits: BatchLimits, observer: BatchObserver, label: str) -> None:
+        self._runner = runner
+        self._limits = limits
+        self._max_rows = limits.max_batch_size if runner.batched else 1
+        self._observer = observer
+        self._label = label
+        self._queue: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(limits.max_concurrency)
+        self._running: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._loop_task = asyncio.get_running_loop().create_task(self._dispatch_forever(), name=f"batcher {label}")
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    async def infer(self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None) -> list[np.ndarray]:
+        """Run one request's rows, batched with others; `deadline` is in `time.monotonic()` seconds."""
+        if self._closed:
+            raise NotReady(f"{self._label} is being unloaded; retry")
+        if len(self._queue) >= self._limits.max_queue_size:
+            raise Overloaded(f"{self._label}: queue full ({len(self._queue)} requests waiting); retry later")
+        future: asyncio.Future[list[np.ndarray]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(inputs, rows, future, time.monotonic(), deadline))
+        self._observer.queue_depth(len(self._queue))
+        self._wakeup.set()
+        if deadline is None:
+            return await future
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                return await future
+        except TimeoutError:
+            raise DeadlineExceeded(f"{self._label}: deadline passed before the model answered") from None
+
+    async def aclose(self) -> None:
+        """Stop taking requests, answer the ones already queued, then stop."""
+        self._closed = True
+        while self._queue or self._running:
+            await asyncio.sleep(0.005)  # drain: the dispatcher empties the queue on its own
+        self._loop_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._loop_task
+
+    async def _dispatch_forever(self) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                batch = await self._collect()
+            except BaseException:
+                self._slots.release()
+                raise
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _collect(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        while not batch:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            batch = self._drain(batch)
+        fill_until = batch[0].arrived + self._limits.max_queue_delay_ms / 1000
+        # A single waiting request shows no concurrency: dispatch it now rather than wait for company.
+        while len(batch) > 1 and self._rows(batch) < self._max_rows:
+            remaining = fill_until - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+            batch = self._drain(batch)
+        return batch
+
+    def _drain(self, batch: list[_Pending]) -> list[_Pending]:
+        """Move waiting requests into `batch` while they fit; expired or abandoned ones are dropped."""
+        now = time.monotonic()
+        rows = self._rows(batch)
+        while self._queue:
+            head = self._queue[0]
+            if head.future.done() or head.expired(now):
+                self._queue.popleft()
+                if not head.future.done():
+                    head.future.set_exception(DeadlineExceeded(f"{self._label}: deadline passed while queued"))
+                continue
+            if batch and (rows + head.rows > self._max_rows or head.compat != batch[0].compat):
+                break
+            batch.append(self._queue.popleft())
+            rows += head.rows
+        self._observer.queue_depth(len(self._queue))
+        return batch
+
+    @staticmethod
+    def _rows(batch: Sequence[_Pending]) -> int:
+        return sum(item.rows for item in batch)
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        try:
+            live = [item for item in batch if not item.future.done()]
+            if not live:
+                return
+            try:
+                results = await self._run_stacked(live)
+            except InferenceFailed:
+                if len(live) == 1:
+                    raise
+                # One bad request must not fail its neighbours: retry each on its own.
+                for item in live:
+                    await self._run_alone(item)
+                return
+            for item, outputs in zip(live, results, strict=True):
+                if not item.future.done():
+                    item.future.set_result(outputs)
+        except InferenceFailed as exc:
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+        finally:
+            self._slots.release()
+
+    async def _run_alone(self, item: _Pending) -> None:
+        try:
+            (outputs,) = await self._run_stacked([item])
+        except InferenceFailed as exc:
+            if not item.future.done():
+                item.future.set_exception(exc)
+            return
+        if not item.future.done():
+            item.future.set_result(outputs)
+
+    async def _run_stacked(self, items: list[_Pending]) -> list[list[np.ndarray]]:
+        if len(items) == 1:
+            inputs = items[0].inputs
+        else:
+            inputs = {name: np.concatenate([item.inputs[name] for item in items]) for name in items[0].inputs}
+        rows = self._rows(items)
+        started = time.perf_counter()
+        try:
+            outputs = await self._runner.run(inputs)
+        except Exception as exc:  # onnxruntime's own error types; the caller gets a 500 with the reason
+            logger.warning("%s: inference failed on %d rows: %s", self._label, rows, exc)
+            raise InferenceFailed(f"{self._label}: inference failed: {exc}") from exc
+        self._observer.batch_ran(rows, time.perf_counter() - started)
+        if len(items) == 1:
+            return [outputs]
+        return self._split(items, outputs, rows)
+
+    def _split(self, items: list[_Pending], outputs: list[np.ndarray], rows: int) -> list[list[np.ndarray]]:
+        if any(output.ndim == 0 or output.shape[0] != rows for output in outputs):
+            raise InferenceFailed(f"{self._label}: an output's first dimension does not follow the batch")
+        bounds = np.cumsum([0] + [item.rows for item in items])
+        return [
+            [output[start:end] for output in outputs]
+            for start, end in zip(bounds[:-1], bounds[1:], strict=True)
+        ]

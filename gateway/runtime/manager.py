@@ -1,0 +1,193 @@
+"""ModelManager: mirrors the registry into loaded, warmed-up model versions, and resolves version references.
+
+Every change is prepared off to the side (fetch, verify, create the session, warm up) and then published with a
+single assignment on the event loop, so a request sees either the old set of versions or the new one. A version
+that fails any step is refused with a log line and `gatewatch_model_load_failures_total`; the others serve on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from gateway.errors import ModelNotFound
+from gateway.metrics import GatewayMetrics
+from gateway.runtime.batcher import AdaptiveBatcher, BatchLimits
+from gateway.runtime.runner import OnnxRunner, SessionOptions
+from registry_client.base import ModelArtifact, ModelIndex, Registry, VersionRef
+from registry_client.errors import ArtifactRejected, RegistryError, RegistryUnavailable, VersionNotFound
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ALIAS = "champion"
+
+
+@dataclass(eq=False)
+class LoadedVersion:
+    artifact: ModelArtifact
+    runner: OnnxRunner
+    batcher: AdaptiveBatcher
+
+    @property
+    def model(self) -> str:
+        return self.artifact.model
+
+    @property
+    def version(self) -> int:
+        return self.artifact.version
+
+
+@dataclass
+class ModelState:
+    """One model's loaded versions and aliases, replaced whole on every change."""
+
+    name: str
+    versions: dict[int, LoadedVersion] = field(default_factory=dict)
+    aliases: dict[str, int] = field(default_factory=dict)
+    refused: dict[int, str] = field(default_factory=dict)
+
+    def latest(self) -> LoadedVersion | None:
+        return self.versions[max(self.versions)] if self.versions else None
+
+
+class ModelManager:
+    def __init__(
+        self,
+        registry: Registry,
+        executor: Executor,
+        metrics: GatewayMetrics,
+        session_options: SessionOptions,
+        limits_for: Callable[[str], BatchLimits],
+    ) -> None:
+        self._registry = registry
+        self._executor = executor
+        self._metrics = metrics
+        self._session_options = session_options
+        self._limits_for = limits_for
+        self._models: dict[str, ModelState] = {}
+        self._sync_lock = asyncio.Lock()
+        self.ready = False
+
+    # -- queries (hot path: dictionary lookups only) ------------------------------------------------------
+
+    def model_names(self) -> list[str]:
+        return sorted(self._models)
+
+    def state(self, model: str) -> ModelState:
+        state = self._models.get(model)
+        if state is None:
+            raise ModelNotFound(f"unknown model {model!r}; serving: {', '.join(self.model_names()) or 'none'}")
+        return state
+
+    def resolve(self, model: str, ref: VersionRef | None = None) -> LoadedVersion:
+        """The loaded version `ref` names; no ref means the `champion` alias, else the latest loaded version."""
+        state = self.state(model)
+        if ref is None:
+            ref = DEFAULT_ALIAS if DEFAULT_ALIAS in state.aliases else "latest"
+        if ref == "latest":
+            latest = state.latest()
+            if latest is None:
+                raise ModelNotFound(f"model {model!r} has no loaded version ({self._refusals(state)})")
+            return latest
+        version = ref if isinstance(ref, int) else state.aliases.get(ref)
+        if version is None:
+            known = ", ".join(sorted(state.aliases)) or "none"
+            raise ModelNotFound(f"model {model!r} has no alias {ref!r} (aliases: {known}; or a version number)")
+        loaded = state.versions.get(version)
+        if loaded is None:
+            raise ModelNotFound(
+                f"model {model!r} has no loaded version {version} "
+                f"(loaded: {sorted(state.versions)}; {self._refusals(state)})"
+            )
+        return loaded
+
+    @staticmethod
+    def _refusals(state: ModelState) -> str:
+        if not state.refused:
+            return "none refused"
+        return "refused: " + ", ".join(f"v{v} ({why})" for v, why in sorted(state.refused.items()))
+
+    # -- registry synchronisation --------------------------------------------------------------------------
+
+    async def sync(self) -> None:
+        """Bring loaded versions in line with the registry: load new ones, drop deleted ones, follow aliases."""
+        async with self._sync_lock:
+            names = await self._registry.list_models()
+            for name in names:
+                try:
+                    index = await self._registry.index(name)
+                except VersionNotFound:
+                    continue
+                await self._sync_model(index)
+            for name in set(self._models) - set(names):
+                await self._unload_model(name)
+            self.ready = True
+
+    async def poll_forever(self, interval: float) -> None:
+        """Sync every `interval` seconds; while the registry is unreachable, keep serving and back off."""
+        delay = interval
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.sync()
+                delay = interval
+            except RegistryUnavailable as exc:
+                delay = min(delay * 2, max(interval, 60.0))
+                logger.warning("registry unavailable (%s); serving what is loaded, next try in %.0fs", exc, delay)
+
+    async def _sync_model(self, index: ModelIndex) -> None:
+        current = self._models.get(index.model, ModelState(index.model))
+        versions = dict(current.versions)
+        refused = {v: why for v, why in current.refused.items() if v in index.versions}
+        for version in index.versions:
+            if version in versions or version in refused:
+                continue
+            loaded, reason = await self._load(index.model, version)
+            if loaded is not None:
+                versions[version] = loaded
+            else:
+                refused[version] = reason
+        removed = [versions.pop(v) for v in list(versions) if v not in index.versions]
+        self._models[index.model] = ModelState(index.model, versions, dict(index.aliases), refused)
+        for old in removed:
+            await self._unload(old)
+
+    async def _load(self, model: str, version: int) -> tuple[LoadedVersion | None, str]:
+        try:
+            artifact = await self._registry.fetch(model, version)
+            runner = await asyncio.to_thread(
+                OnnxRunner.load, artifact.model_path, self._session_options, self._executor
+            )
+        except ArtifactRejected as exc:
+            return None, self._refuse(model, version, exc.reason, str(exc))
+        except RegistryError as exc:
+            return None, self._refuse(model, version, "fetch_failed", str(exc))
+        except Exception as exc:  # onnxruntime raises its own types for a file it cannot load
+            return None, self._refuse(model, version, "invalid_model", f"onnxruntime cannot load it: {exc}")
+        label = f"{model} v{version}"
+        batcher = AdaptiveBatcher(runner, self._limits_for(model), self._metrics.for_version(model, version), label)
+        self._metrics.model_loaded.labels(model, str(version)).set(1)
+        logger.info("loaded %s (%s, batching %s)", label, artifact.directory, "on" if runner.batched else "off")
+        return LoadedVersion(artifact, runner, batcher), ""
+
+    def _refuse(self, model: str, version: int, reason: str, detail: str) -> str:
+        logger.error("refused %s v%s [%s]: %s", model, version, reason, detail)
+        self._metrics.model_load_failures.labels(model, str(version), reason).inc()
+        return reason
+
+    async def _unload(self, loaded: LoadedVersion) -> None:
+        self._metrics.model_loaded.labels(loaded.model, str(loaded.version)).set(0)
+        await loaded.batcher.aclose()
+        logger.info("unloaded %s v%s", loaded.model, loaded.version)
+
+    async def _unload_model(self, name: str) -> None:
+        state = self._models.pop(name)
+        for loaded in state.versions.values():
+            await self._unload(loaded)
+
+    async def aclose(self) -> None:
+        for name in list(self._models):
+            await self._unload_model(name)

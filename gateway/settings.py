@@ -1,0 +1,128 @@
+"""The one settings model of gatewatch: the flat keys of design.md, from a YAML file overridden by env vars.
+
+Precedence, highest first: explicit keyword arguments (the CLI's flags), `GATEWATCH_<KEY>` environment
+variables, the YAML file named by `--config` / `GATEWATCH_CONFIG`, the defaults below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+
+class ModelOverrides(BaseModel):
+    """Per-model tunables that override the global batching defaults."""
+
+    max_batch_size: int | None = Field(default=None, ge=1)
+    max_queue_delay_ms: float | None = Field(default=None, ge=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWATCH_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    registry: str = "models"
+    """A directory path, `file://…`, or `mlflow+http(s)://host:port`."""
+    registry_poll_seconds: float = Field(default=10.0, gt=0)
+    """How often the registry is polled for new versions and alias moves."""
+    redis_url: str | None = None
+    """`redis://` or `rediss://user:pass@host:port/db`; absent means the embedded Redis in `data_dir`."""
+    data_dir: Path = Path(".gatewatch")
+    """Embedded Redis file, log spool, model cache."""
+    admin_token: SecretStr | None = None
+    """Bearer token for `/admin/*`; absent means the admin API refuses every call."""
+    endpoints: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Initial routes (endpoint -> route); routes stored in Redis win once they exist."""
+    workers: int = Field(default=1, ge=1)
+    """Gateway worker processes."""
+
+    max_batch_size: int = Field(default=32, ge=1)
+    """Rows per batch; overridable per model under `models`."""
+    max_queue_delay_ms: float = Field(default=2.0, ge=0)
+    """Longest a request waits for a batch to fill; a lone request never waits for company."""
+    max_queue_size: int = Field(default=512, ge=1)
+    """Requests waiting per model version before new ones get 429."""
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Larger request bodies get 413."""
+    models: dict[str, ModelOverrides] = Field(default_factory=dict)
+    """Per-model overrides of the batching settings."""
+
+    inference_threads: int = Field(default=2, ge=1)
+    """Threads that run onnxruntime sessions (off the event loop), shared by all models of a process."""
+    ort_intra_op_threads: int = Field(default=1, ge=0)
+    """onnxruntime intra-op threads per session (0 = onnxruntime's default: one per core)."""
+    ort_inter_op_threads: int = Field(default=1, ge=0)
+    """onnxruntime inter-op threads per session (0 = onnxruntime's default)."""
+    shutdown_timeout_seconds: float = Field(default=30.0, gt=0)
+    """On SIGTERM, how long in-flight requests get to finish."""
+
+    log_maxlen: int = Field(default=1_000_000, ge=1)
+    window_rows: int = Field(default=1000, ge=1)
+    window_seconds: float = Field(default=60.0, gt=0)
+    min_window_rows: int = Field(default=100, ge=1)
+    reference_rows: int = Field(default=2000, ge=1)
+    drift_alpha: float = Field(default=0.01, gt=0, lt=1)
+    drift_persistence: int = Field(default=2, ge=1)
+    drift_resolve_after: int = Field(default=3, ge=1)
+    retrain_after_windows: int = Field(default=2, ge=1)
+    retrain_cooldown_seconds: float = Field(default=3600.0, ge=0)
+    latency_slo_ms: float | None = Field(default=None, gt=0)
+    webhook_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Comma-separated in the environment; every alert event goes to each."""
+    retrain_webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+
+    @field_validator("webhook_urls", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def batch_limits(self, model: str) -> tuple[int, float]:
+        """Max batch rows and queue delay (ms) for `model`, overrides applied."""
+        override = self.models.get(model, ModelOverrides())
+        rows = override.max_batch_size or self.max_batch_size
+        delay = override.max_queue_delay_ms
+        return rows, self.max_queue_delay_ms if delay is None else delay
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from an optional YAML file, the environment and explicit overrides.
+
+    Raises pydantic's ValidationError (with every problem listed) on a bad value, and FileNotFoundError
+    when the named file does not exist.
+    """
+    if config_file is None:
+        return Settings(**overrides)
+    if not config_file.is_file():
+        raise FileNotFoundError(f"config file not found: {config_file}")
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(yaml_file=config_file)
+
+    return _FromFile(**overrides)

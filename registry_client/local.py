@@ -1,0 +1,88 @@
+"""Directory registry: `<root>/<model>/<version>/model.onnx`, optional `meta.json`, `aliases.json` per model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from registry_client.base import (
+    ALIASES_FILE,
+    MODEL_FILE,
+    ModelArtifact,
+    ModelIndex,
+    read_meta,
+    verify_artifact,
+)
+from registry_client.errors import RegistryUnavailable, VersionNotFound
+
+
+class DirectoryRegistry:
+    """Versions are the positive-integer subdirectories that hold a `model.onnx`.
+
+    Write a new version atomically (build it elsewhere, then rename the directory into place): a version
+    directory without `model.onnx` is not a version yet.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.description = f"directory {root}"
+
+    async def list_models(self) -> list[str]:
+        return await asyncio.to_thread(self._list_models)
+
+    async def index(self, model: str) -> ModelIndex:
+        return await asyncio.to_thread(self._index, model)
+
+    async def fetch(self, model: str, version: int) -> ModelArtifact:
+        return await asyncio.to_thread(self._fetch, model, version)
+
+    async def aclose(self) -> None:
+        return None
+
+    def _list_models(self) -> list[str]:
+        if not self.root.is_dir():
+            raise RegistryUnavailable(f"registry directory {self.root} does not exist")
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def _index(self, model: str) -> ModelIndex:
+        model_dir = self.root / model
+        if not model_dir.is_dir():
+            raise VersionNotFound(f"model {model!r} not in {self.root}")
+        versions = tuple(
+            sorted(
+                int(p.name)
+                for p in model_dir.iterdir()
+                if p.name.isdigit() and int(p.name) > 0 and (p / MODEL_FILE).is_file()
+            )
+        )
+        return ModelIndex(model=model, versions=versions, aliases=self._aliases(model_dir))
+
+    def _aliases(self, model_dir: Path) -> dict[str, int]:
+        path = model_dir / ALIASES_FILE
+        if not path.is_file():
+            return {}
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(raw, dict):
+            return {}
+        return {str(name): int(v) for name, v in raw.items() if isinstance(v, int | str) and str(v).isdigit()}
+
+    def _fetch(self, model: str, version: int) -> ModelArtifact:
+        directory = self.root / model / str(version)
+        if not (directory / MODEL_FILE).is_file():
+            raise VersionNotFound(f"{model} version {version} not in {self.root}")
+        artifact = ModelArtifact(model=model, version=version, directory=directory, meta=read_meta(directory))
+        verify_artifact(artifact)
+        return artifact
+
+
+def open_registry(uri: str) -> DirectoryRegistry:
+    """The registry for a settings value: a path or `file://` URI (MLflow arrives with its own backend)."""
+    if uri.startswith("file://"):
+        return DirectoryRegistry(Path(uri.removeprefix("file://")))
+    if "://" in uri:
+        raise ValueError(f"unsupported registry URI {uri!r}: expected a path, file://… or mlflow+http(s)://…")
+    return DirectoryRegistry(Path(uri))
