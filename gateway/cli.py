@@ -89,3 +89,7 @@ def _serve_workers(settings: Settings, config: Path | None, registry: str | None
         )
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    app()

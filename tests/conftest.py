@@ -1,0 +1,105 @@
+"""Shared fixtures: a model registry of real ONNX models, and real gateway processes on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loadtests import onnx_models as om
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def build_registry(root: Path) -> Path:
+    """Every model the tests serve, including broken ones that must be refused."""
+    om.write_version(root, "tabular", 1, om.tabular_classifier(seed=1), {"task": "classification"})
+    om.write_version(root, "tabular", 2, om.tabular_classifier(seed=2), {"task": "classification"})
+    om.write_aliases(root, "tabular", {"champion": 1, "challenger": 2})
+    om.write_version(root, "summer", 1, om.int64_sum(width=4))
+    for datatype in ("BOOL", "BYTES", "FP64", "INT32", "FP32"):
+        om.write_version(root, f"id_{datatype.lower()}", 1, om.identity(datatype))
+    om.write_version(root, "fixed", 1, om.identity("FP32", batched=False))
+    om.write_version(root, "slow", 1, om.heavy())
+    om.write_version(root, "broken", 1, b"this is not an onnx model", with_sha256=False)
+    om.write_version(root, "tampered", 1, om.identity("FP32"), {"sha256": "0" * 64})
+    om.write_version(root, "mixed", 1, om.identity("FP32"))
+    om.write_version(root, "mixed", 2, b"\x08\x07garbage", with_sha256=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def model_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_registry(tmp_path_factory.mktemp("registry"))
+
+
+@dataclass
+class GatewayProcess:
+    """`gatewatch serve` in a subprocess: the way users run it."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+def start_gateway(
+    config: Path, workdir: Path, env: dict[str, str] | None = None, ready_timeout: float = 60
+) -> GatewayProcess:
+    port = free_port()
+    log_path = workdir / f"gateway-{port}.log"
+    command = [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--config", str(config)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env={**os.environ, **(env or {})}
+        )
+    gateway = GatewayProcess(process, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited with {process.returncode}:\n{gateway.log()}")
+        try:
+            if httpx.get(f"{gateway.url}/v2/health/ready", timeout=1).status_code == 200:
+                return gateway
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)  # polling a condition: the server's readiness
+    gateway.terminate()
+    raise RuntimeError(f"gateway not ready after {ready_timeout}s:\n{gateway.log()}")
+
+
+def write_config(path: Path, registry: Path, **extra: object) -> Path:
+    lines = [f"registry: {registry}", f"data_dir: {path.parent / 'data'}"]
+    lines += [f"{key}: {value}" for key, value in extra.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gateway_server(model_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    workdir = tmp_path_factory.mktemp("gateway")
+    config = write_config(workdir / "gatewatch.yaml", model_registry, max_queue_delay_ms=5)
+    gateway = start_gateway(config, workdir)
+    yield gateway
+    gateway.terminate()
