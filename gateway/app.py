@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,7 +18,10 @@ from gateway.api.errors import install_error_handlers
 from gateway.api.v2 import build_v2_router
 from gateway.dataplane import SERVER_VERSION, DataPlane
 from gateway.metrics import GatewayMetrics, render
-from gateway.protocol.types import InferenceRequest
+from gateway.payload_log.writer import LogMetrics, LogWriter, WriterLimits
+from gateway.protocol.types import Feedback, InferenceRequest
+from gateway.records import PayloadPolicy
+from gateway.redis_connection import RedisConnection, open_redis
 from gateway.runtime.batcher import BatchLimits
 from gateway.runtime.manager import ModelManager
 from gateway.runtime.runner import SessionOptions
@@ -44,6 +48,12 @@ def create_app(settings: Settings, metrics_registry: CollectorRegistry | None = 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         logger.info("registry: %s", registry.description)
+        redis = await open_redis(settings.redis_url, settings.data_dir, settings.redis_timeout_seconds)
+        console_note(f"redis: {redis.description}")
+        writer = _log_writer(settings, redis, metrics) if settings.log_enabled else None
+        if writer is not None:
+            await writer.start()
+            dataplane.attach_log(writer)
         try:
             await manager.sync()
         except RegistryUnavailable as exc:
@@ -57,6 +67,9 @@ def create_app(settings: Settings, metrics_registry: CollectorRegistry | None = 
             with contextlib.suppress(asyncio.CancelledError):
                 await poller
             await manager.aclose()  # drain every batcher
+            if writer is not None:
+                await writer.aclose()  # flush the log queue: to Redis, else to the spool
+            await redis.aclose()
             executor.shutdown(wait=True)
             await registry.aclose()
 
@@ -89,6 +102,28 @@ def create_app_from_environment() -> FastAPI:
     return create_app(load_settings(Path(config) if config else None))
 
 
+def _log_writer(settings: Settings, redis: RedisConnection, metrics: GatewayMetrics) -> LogWriter:
+    policy = PayloadPolicy(
+        sample=settings.log_sample_rate,
+        redact=frozenset(settings.log_redact),
+        max_tensor_bytes=settings.log_max_tensor_bytes,
+    )
+    limits = WriterLimits(
+        maxlen=settings.log_maxlen,
+        queue_size=settings.log_queue_size,
+        batch_size=settings.log_batch_size,
+        spool_max_bytes=settings.log_spool_max_bytes,
+        write_timeout=settings.redis_timeout_seconds,
+    )
+    log_metrics = LogMetrics(metrics.log_records, metrics.log_queue_depth, metrics.log_spool_bytes)
+    return LogWriter(redis.client, settings.data_dir / "spool", log_metrics, limits, lambda endpoint: policy)
+
+
+def console_note(message: str) -> None:
+    """Start-up facts an operator needs (where the embedded Redis is), on stderr even without logging set up."""
+    print(f"gatewatch: {message}", file=sys.stderr, flush=True)
+
+
 def _batch_limits(settings: Settings, model: str) -> BatchLimits:
     rows, delay = settings.batch_limits(model)
     return BatchLimits(
@@ -110,6 +145,7 @@ def _document_infer_request(app: FastAPI) -> None:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(defs.pop("$defs", {}))
             components["InferenceRequest"] = defs
+            components["Feedback"] = Feedback.model_json_schema(ref_template="#/components/schemas/{model}")
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -71,6 +71,18 @@ class GatewayMetrics:
             registry=registry,
         )
 
+        self.log_records = Counter(
+            "gatewatch_log_records", "Prediction log records by outcome.", ("outcome",), registry=registry
+        )
+        self.log_queue_depth = Gauge(
+            "gatewatch_log_queue_depth", "Log records waiting to be written.", multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.log_spool_bytes = Gauge(
+            "gatewatch_log_spool_bytes", "Bytes in the disk spool (records waiting for Redis).",
+            multiprocess_mode="livesum", registry=registry,
+        )
+
     def for_version(self, model: str, version: int) -> VersionMetrics:
         labels = (model, str(version))
         return VersionMetrics(
@@ -100,6 +112,6 @@ def render(registry: CollectorRegistry) -> tuple[bytes, str]:
     """The exposition for `/metrics`: this process's registry, or every worker's in multiprocess mode."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         aggregate = CollectorRegistry()
-        multiprocess.MultiProcessCollector(aggregate)
+        multiprocess.MultiProcessCollector(aggregate)  # type: ignore[no-untyped-call]
         return generate_latest(aggregate), CONTENT_TYPE_LATEST
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -69,7 +69,24 @@ class Settings(BaseSettings):
     shutdown_timeout_seconds: float = Field(default=30.0, gt=0)
     """On SIGTERM, how long in-flight requests get to finish."""
 
+    log_enabled: bool = True
+    """Log every request and answer to Redis streams (`gatewatch:log:{name}`)."""
     log_maxlen: int = Field(default=1_000_000, ge=1)
+    """Approximate cap (XADD MAXLEN ~) per log stream."""
+    log_sample_rate: float = Field(default=1.0, ge=0, le=1)
+    """Share of requests whose tensors are logged; metadata is always logged. A route's `log.sample` wins."""
+    log_redact: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Input names whose values are never written (comma-separated in the environment)."""
+    log_max_tensor_bytes: int = Field(default=1 << 20, ge=0)
+    """Tensors larger than this are cut in the log, flagged `payload=truncated`."""
+    log_queue_size: int = Field(default=100_000, ge=1)
+    """Records waiting for the log writer; beyond it records are dropped (and counted)."""
+    log_batch_size: int = Field(default=512, ge=1)
+    """Records per pipelined XADD round trip."""
+    log_spool_max_bytes: int = Field(default=1 << 30, ge=0)
+    """Cap of the disk spool that holds records while Redis is unreachable."""
+    redis_timeout_seconds: float = Field(default=2.0, gt=0)
+    """A Redis call slower than this counts as failed (records are spooled)."""
     window_rows: int = Field(default=1000, ge=1)
     window_seconds: float = Field(default=60.0, gt=0)
     min_window_rows: int = Field(default=100, ge=1)
@@ -85,7 +102,7 @@ class Settings(BaseSettings):
     retrain_webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
 
-    @field_validator("webhook_urls", mode="before")
+    @field_validator("webhook_urls", "log_redact", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

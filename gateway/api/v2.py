@@ -159,4 +159,21 @@ def build_v2_router(dataplane: DataPlane, max_body_bytes: int) -> APIRouter:
     async def model_version_infer(name: str, version: str, request: Request) -> Response:
         return await infer(request, name, version)
 
+    @router.post(
+        "/models/{name}/feedback",
+        response_model=types.FeedbackAccepted,
+        responses={400: _ERRORS[400], 404: _ERRORS[404], 503: _ERRORS[503]},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Feedback"}}},
+            }
+        },
+    )
+    async def model_feedback(name: str, request: Request) -> Response:
+        """Ground truth (`label`) or a reward observed later for request `id`; written to the feedback stream."""
+        body = await read_body(request, max_body_bytes)
+        dataplane.feedback(name, body)
+        return _json({"accepted": True})
+
     return router

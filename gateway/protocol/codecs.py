@@ -283,7 +283,7 @@ def _rows(arrays: dict[str, np.ndarray]) -> int:
     sizes = {array.shape[0] for array in arrays.values()}
     if len(sizes) != 1:
         raise InvalidInput(f"all inputs must have the same batch size (first dimension), got {sorted(sizes)}")
-    rows = sizes.pop()
+    rows = int(sizes.pop())
     if rows < 1:
         raise InvalidInput("the batch dimension (first dimension) must be at least 1")
     return rows

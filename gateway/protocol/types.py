@@ -85,3 +85,13 @@ class ReadyResponse(BaseModel):
 class ModelReadyResponse(BaseModel):
     name: str
     ready: bool
+
+
+class Feedback(BaseModel):
+    id: str = Field(description="The x-request-id of the request this feedback refers to.")
+    label: Any = Field(default=None, description="Ground truth for the request.")
+    reward: float | None = Field(default=None, description="A reward for the answer (bandit routes).")
+
+
+class FeedbackAccepted(BaseModel):
+    accepted: bool

