@@ -12,16 +12,24 @@ from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from redis.exceptions import RedisError
 from starlette.responses import Response
 
+from gateway.api.admin import build_admin_router
 from gateway.api.errors import install_error_handlers
 from gateway.api.v2 import build_v2_router
 from gateway.dataplane import SERVER_VERSION, DataPlane
 from gateway.metrics import GatewayMetrics, render
 from gateway.payload_log.writer import LogMetrics, LogWriter, WriterLimits
+from gateway.protocol.codecs import TensorSpec
 from gateway.protocol.types import Feedback, InferenceRequest
 from gateway.records import PayloadPolicy
 from gateway.redis_connection import RedisConnection, open_redis
+from gateway.routing.admin import RouteAdmin
+from gateway.routing.router import Router
+from gateway.routing.shadow import ShadowMetrics, ShadowMirror
+from gateway.routing.store import RouteStore
+from gateway.routing.table import InvalidRoute, Route, Signature, check_route, parse_route
 from gateway.runtime.batcher import BatchLimits
 from gateway.runtime.manager import ModelManager
 from gateway.runtime.runner import SessionOptions
@@ -43,14 +51,22 @@ def create_app(settings: Settings, metrics_registry: CollectorRegistry | None = 
         SessionOptions(settings.ort_intra_op_threads, settings.ort_inter_op_threads),
         lambda model: _batch_limits(settings, model),
     )
-    dataplane = DataPlane(manager, metrics)
+    default_policy = _payload_policy(settings)
+    router = Router(default_policy)
+    shadow_metrics = ShadowMetrics(metrics.shadow_requests, metrics.shadow_skipped, metrics.shadow_disagreements)
+    shadows = ShadowMirror(manager, shadow_metrics, settings.shadow_max_in_flight)
+    dataplane = DataPlane(manager, metrics, router, shadows)
+    signature = _signature_of(manager)
+    admin = RouteAdmin(
+        router, signature, settings.admin_token.get_secret_value() if settings.admin_token else None
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         logger.info("registry: %s", registry.description)
         redis = await open_redis(settings.redis_url, settings.data_dir, settings.redis_timeout_seconds)
         console_note(f"redis: {redis.description}")
-        writer = _log_writer(settings, redis, metrics) if settings.log_enabled else None
+        writer = _log_writer(settings, redis, metrics, router) if settings.log_enabled else None
         if writer is not None:
             await writer.start()
             dataplane.attach_log(writer)
@@ -58,6 +74,10 @@ def create_app(settings: Settings, metrics_registry: CollectorRegistry | None = 
             await manager.sync()
         except RegistryUnavailable as exc:
             logger.error("registry unavailable at start (%s); not ready until it answers", exc)
+        store = RouteStore(redis.client, router, lambda endpoint, route: check_route(endpoint, route, signature))
+        await _load_routes(store, router, settings, signature)
+        admin.attach_store(store)
+        store.start(settings.route_resync_seconds)
         poller = asyncio.create_task(manager.poll_forever(settings.registry_poll_seconds), name="registry poller")
         try:
             yield
@@ -66,6 +86,8 @@ def create_app(settings: Settings, metrics_registry: CollectorRegistry | None = 
             poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await poller
+            await store.aclose()
+            await shadows.aclose()  # shadows of the last requests still use the batchers
             await manager.aclose()  # drain every batcher
             if writer is not None:
                 await writer.aclose()  # flush the log queue: to Redis, else to the spool
@@ -81,6 +103,7 @@ def create_app(settings: Settings, metrics_registry: CollectorRegistry | None = 
     )
     install_error_handlers(app)
     app.include_router(build_v2_router(dataplane, settings.max_body_bytes))
+    app.include_router(build_admin_router(admin))
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
@@ -102,12 +125,41 @@ def create_app_from_environment() -> FastAPI:
     return create_app(load_settings(Path(config) if config else None))
 
 
-def _log_writer(settings: Settings, redis: RedisConnection, metrics: GatewayMetrics) -> LogWriter:
-    policy = PayloadPolicy(
+def _payload_policy(settings: Settings) -> PayloadPolicy:
+    return PayloadPolicy(
         sample=settings.log_sample_rate,
         redact=frozenset(settings.log_redact),
         max_tensor_bytes=settings.log_max_tensor_bytes,
     )
+
+
+def _signature_of(manager: ModelManager) -> Signature:
+    def signature(model: str, ref: int | str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        loaded = manager.resolve(model, ref)
+        return loaded.runner.inputs, loaded.runner.outputs
+
+    return signature
+
+
+async def _load_routes(store: RouteStore, router: Router, settings: Settings, signature: Signature) -> None:
+    """Routes from Redis (seeded with the config file's); the config file's alone if Redis is unreachable."""
+    try:
+        await store.seed(settings.endpoints)
+        await store.load_all()
+        return
+    except RedisError as exc:
+        logger.error("route store unreachable at start (%s): serving the config file's routes", exc)
+    for endpoint, raw in settings.endpoints.items():
+        try:
+            route = parse_route(endpoint, raw)
+            check_route(endpoint, route, signature)
+        except InvalidRoute as exc:
+            logger.error("%s", exc.message)
+            continue
+        router.apply(endpoint, route)
+
+
+def _log_writer(settings: Settings, redis: RedisConnection, metrics: GatewayMetrics, router: Router) -> LogWriter:
     limits = WriterLimits(
         maxlen=settings.log_maxlen,
         queue_size=settings.log_queue_size,
@@ -116,7 +168,7 @@ def _log_writer(settings: Settings, redis: RedisConnection, metrics: GatewayMetr
         write_timeout=settings.redis_timeout_seconds,
     )
     log_metrics = LogMetrics(metrics.log_records, metrics.log_queue_depth, metrics.log_spool_bytes)
-    return LogWriter(redis.client, settings.data_dir / "spool", log_metrics, limits, lambda endpoint: policy)
+    return LogWriter(redis.client, settings.data_dir / "spool", log_metrics, limits, router.policy_for)
 
 
 def console_note(message: str) -> None:
@@ -146,6 +198,9 @@ def _document_infer_request(app: FastAPI) -> None:
             components.update(defs.pop("$defs", {}))
             components["InferenceRequest"] = defs
             components["Feedback"] = Feedback.model_json_schema(ref_template="#/components/schemas/{model}")
+            route = Route.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(route.pop("$defs", {}))
+            components["Route"] = route
             app.openapi_schema = schema
         return app.openapi_schema
 

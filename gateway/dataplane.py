@@ -1,12 +1,14 @@
 """DataPlane: the Open Inference Protocol's logic, free of HTTP types.
 
-`api/v2.py` turns HTTP into `InferCall`s and `InferAnswer`s back into HTTP; everything between (resolve the
-target, decode and check the tensors, batch, run, encode) happens here.
+`api/v2.py` turns HTTP into `InferCall`s and `InferAnswer`s back into HTTP; everything between happens here:
+route the name to a variant (or a model's default version), decode and check the tensors against that version's
+signature, batch and run, encode, then — after the answer is ready — log it and mirror it to shadows.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,6 +25,8 @@ from gateway.protocol.codecs import (
     split_body,
 )
 from gateway.records import ROLE_PRIMARY, Exchange, feedback_fields, feedback_stream
+from gateway.routing.router import CompiledRoute, Router, predictions_of
+from gateway.routing.shadow import PrimaryResult, ShadowMirror
 from gateway.runtime.manager import LoadedVersion, ModelManager
 from registry_client.base import parse_version_ref
 
@@ -42,6 +46,8 @@ class InferCall:
     header_length: int | None
     request_id: str
     timeout_ms: float | None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Request headers (case-insensitive mapping), for sticky routing."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,8 @@ class InferAnswer:
 class _Target:
     loaded: LoadedVersion
     variant: str
+    route: CompiledRoute | None = None
+    variant_index: int = 0
 
 
 @dataclass
@@ -77,29 +85,46 @@ class LogSink(Protocol):
 
 
 class DataPlane:
-    def __init__(self, manager: ModelManager, metrics: GatewayMetrics, log: LogSink | None = None) -> None:
+    def __init__(self, manager: ModelManager, metrics: GatewayMetrics, router: Router, shadows: ShadowMirror) -> None:
         self._manager = manager
         self._metrics = metrics
-        self._log = log
+        self._router = router
+        self._shadows = shadows
+        self._log: LogSink | None = None
         self._request_counters: dict[tuple[str, ...], Any] = {}
         self._duration_histograms: dict[tuple[str, ...], Any] = {}
 
     def attach_log(self, log: LogSink | None) -> None:
         """Set once the log writer is up (it needs Redis, which the app's lifespan opens)."""
         self._log = log
+        self._shadows.log = log
 
     # -- health and metadata ------------------------------------------------------------------------------
 
     def ready(self) -> bool:
-        return self._manager.ready
+        """Models loaded, and every variant of every route resolves to a loaded version."""
+        if not self._manager.ready:
+            return False
+        for route in self._router.endpoints().values():
+            for variant in route.variants:
+                try:
+                    self._manager.resolve(variant.model, variant.version)
+                except GatewayError:
+                    return False
+        return True
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)}
 
     def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
-        loaded = self._resolve(name, version).loaded
+        loaded = self._describe_target(name, version)
         state = self._manager.state(loaded.model)
-        versions = [version] if version is not None else [str(v) for v in sorted(state.versions)]
+        if version is not None:
+            versions = [str(loaded.version)]
+        elif (route := self._router.get(name)) is not None:
+            versions = sorted({str(self._manager.resolve(v.model, v.version).version) for v in route.route.variants})
+        else:
+            versions = [str(v) for v in sorted(state.versions)]
         return {
             "name": name,
             "versions": versions,
@@ -110,8 +135,21 @@ class DataPlane:
         }
 
     def model_ready(self, name: str, version: str | None) -> bool:
-        self._resolve(name, version)
+        route = self._router.get(name) if version is None else None
+        if route is None:
+            self._describe_target(name, version)
+            return True
+        for variant in route.route.variants:
+            self._manager.resolve(variant.model, variant.version)
         return True
+
+    def _describe_target(self, name: str, version: str | None) -> LoadedVersion:
+        """The version whose signature describes `name`: an endpoint's first variant, else the model's."""
+        route = self._router.get(name) if version is None else None
+        if route is not None:
+            first = route.route.variants[0]
+            return self._manager.resolve(first.model, first.version)
+        return self._manager.resolve(name, None if version is None else parse_version_ref(version))
 
     # -- inference ----------------------------------------------------------------------------------------
 
@@ -132,11 +170,34 @@ class DataPlane:
             self._metrics.in_flight.dec()
             elapsed = time.perf_counter() - started
             self._record(call.name, attempt.target, str(status), elapsed)
-            if self._log is not None and attempt.target is not None:
-                self._log.log(_exchange(call, attempt, arrived_ms, status, elapsed * 1000, error))
+            if attempt.target is not None:
+                self._after(call, attempt, arrived_ms, status, elapsed * 1000, error)
+
+    def _after(
+        self, call: InferCall, attempt: _Attempt, arrived_ms: int, status: int, latency_ms: float, error: str
+    ) -> None:
+        """Side effects once the answer is ready: route statistics, log record, bandit memory, shadows."""
+        target = attempt.target
+        assert target is not None
+        if self._log is not None:
+            self._log.log(_exchange(call, attempt, arrived_ms, status, latency_ms, error))
+        route = target.route
+        if route is None:
+            return
+        route.stats[target.variant].record(status, latency_ms)
+        if status != 200 or attempt.decoded is None:
+            return
+        outputs = list(zip(target.loaded.runner.output_names, attempt.outputs, strict=True))
+        if route.route.strategy == "bandit":
+            self._router.remember(call.name, call.request_id, target.variant_index, predictions_of(outputs))
+        if route.route.shadow:
+            primary = PrimaryResult(
+                call.name, call.request_id, arrived_ms, attempt.decoded.rows, attempt.decoded.inputs, dict(outputs)
+            )
+            self._shadows.mirror(route.route.shadow, primary)
 
     async def _infer_on(self, call: InferCall, attempt: _Attempt) -> InferAnswer:
-        attempt.target = target = self._resolve(call.name, call.version)
+        attempt.target = target = self._route(call)
         loaded = target.loaded
         runner = loaded.runner
         raw_json, binary = split_body(call.body, call.header_length)
@@ -153,8 +214,9 @@ class DataPlane:
         return InferAnswer(body, header_length, loaded.model, loaded.version, target.variant)
 
     def feedback(self, name: str, body: bytes) -> None:
-        """Ground truth or a reward for an earlier request, queued for `gatewatch:feedback:{name}`."""
-        self._manager.state(name)  # 404 for a name we do not serve
+        """Ground truth or a reward for an earlier request: to `gatewatch:feedback:{name}`, and to its bandit."""
+        if self._router.get(name) is None:
+            self._manager.state(name)  # 404 for a name we do not serve
         if self._log is None:
             raise NotReady("prediction logging is disabled (log_enabled: false): feedback has nowhere to go")
         payload = parse_header(body)
@@ -168,10 +230,15 @@ class DataPlane:
             raise InvalidInput(f"'reward' must be a finite number, got {reward!r}")
         fields = feedback_fields(request_id, int(time.time() * 1000), payload.get("label"), reward)
         self._log.feedback(feedback_stream(name), fields)
+        self._router.reward(name, request_id, payload.get("label"), None if reward is None else float(reward))
 
-    def _resolve(self, name: str, version: str | None) -> _Target:
-        ref = None if version is None else parse_version_ref(version)
-        return _Target(self._manager.resolve(name, ref), DEFAULT_VARIANT)
+    def _route(self, call: InferCall) -> _Target:
+        """An endpoint's route picks a variant; a model name (or a pinned version) bypasses any split."""
+        if call.version is None and (route := self._router.get(call.name)) is not None:
+            index, variant = route.pick(call.request_id, call.headers)
+            return _Target(self._manager.resolve(variant.model, variant.version), variant.name, route, index)
+        ref = None if call.version is None else parse_version_ref(call.version)
+        return _Target(self._manager.resolve(call.name, ref), DEFAULT_VARIANT)
 
     def _record(self, name: str, target: _Target | None, code: str, seconds: float) -> None:
         if target is None:

@@ -2,8 +2,10 @@
 
     GatewayError (500)
      ├── InvalidInput (400)        wrong tensor name, shape, datatype, data length or encoding
+     ├── Unauthorized (401)        admin API call without the right bearer token
      ├── ModelNotFound (404)       unknown model, version or endpoint
      ├── PayloadTooLarge (413)     body over max_body_bytes
+     ├── InvalidRoute (422)        a route that cannot be applied (routing/table.py); the old one stays
      ├── Overloaded (429)          a model version's queue is full       -> Retry-After
      ├── NotReady (503)            nothing loaded to serve this yet        -> Retry-After
      └── DeadlineExceeded (504)    the request's deadline passed while it waited
@@ -25,6 +27,10 @@ class GatewayError(Exception):
 
 class InvalidInput(GatewayError):
     status_code = 400
+
+
+class Unauthorized(GatewayError):
+    status_code = 401
 
 
 class ModelNotFound(GatewayError):

@@ -71,6 +71,17 @@ class GatewayMetrics:
             registry=registry,
         )
 
+        self.shadow_requests = Counter(
+            "gatewatch_shadow_requests", "Shadow inferences sampled.", ("endpoint", "variant"), registry=registry
+        )
+        self.shadow_skipped = Counter(
+            "gatewatch_shadow_skipped", "Shadow inferences skipped because shadows fell behind.",
+            ("endpoint", "variant"), registry=registry,
+        )
+        self.shadow_disagreements = Counter(
+            "gatewatch_shadow_disagreements", "Shadow answers that disagree with the primary's.",
+            ("endpoint", "variant"), registry=registry,
+        )
         self.log_records = Counter(
             "gatewatch_log_records", "Prediction log records by outcome.", ("outcome",), registry=registry
         )

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     shutdown_timeout_seconds: float = Field(default=30.0, gt=0)
     """On SIGTERM, how long in-flight requests get to finish."""
 
+    shadow_max_in_flight: int = Field(default=32, ge=1)
+    """Shadow inferences running at once per process; beyond it shadows are skipped (and counted)."""
+    route_resync_seconds: float = Field(default=5.0, gt=0)
+    """Besides pub/sub notifications, re-read all routes from Redis this often."""
+
     log_enabled: bool = True
     """Log every request and answer to Redis streams (`gatewatch:log:{name}`)."""
     log_maxlen: int = Field(default=1_000_000, ge=1)

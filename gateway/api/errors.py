@@ -17,6 +17,8 @@ def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> 
     merged = dict(headers or {})
     if exc.retry_after is not None:
         merged["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
+    if exc.status_code == 401:
+        merged["www-authenticate"] = "Bearer"
     return Response(
         orjson.dumps({"error": exc.message}), exc.status_code, headers=merged, media_type="application/json"
     )

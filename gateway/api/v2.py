@@ -52,7 +52,7 @@ def _json(payload: dict[str, Any], status: int = 200) -> Response:
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed `limit` (never buffered whole)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and _is_ascii_integer(declared) and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds max_body_bytes={limit}")
     chunks: list[bytes] = []
     size = 0
@@ -76,10 +76,15 @@ def _positive_number(raw: str | None, header: str) -> float | None:
     return value
 
 
+def _is_ascii_integer(raw: str) -> bool:
+    # str.isdigit() alone also accepts digits such as "²" (latin-1, so valid in a header) that int() refuses.
+    return raw.isascii() and raw.isdigit()
+
+
 def _header_length(raw: str | None) -> int | None:
     if raw is None:
         return None
-    if not raw.isdigit():
+    if not _is_ascii_integer(raw):
         raise InvalidInput(f"header Inference-Header-Content-Length must be a non-negative integer, got {raw!r}")
     return int(raw)
 
@@ -135,6 +140,7 @@ def build_v2_router(dataplane: DataPlane, max_body_bytes: int) -> APIRouter:
                 header_length=_header_length(request.headers.get(HEADER_LENGTH)),
                 request_id=request_id,
                 timeout_ms=_positive_number(request.headers.get(TIMEOUT), TIMEOUT),
+                headers=request.headers,
             )
             answer = await dataplane.infer(call)
         except GatewayError as exc:

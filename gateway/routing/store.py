@@ -1,0 +1,134 @@
+"""RouteStore: routes kept in Redis and broadcast, so every gateway replica serves the same splits.
+
+Layout: hash `gatewatch:routes` (endpoint -> route JSON), set `gatewatch:routes:deleted` (endpoints deleted over
+the admin API, so the config file does not bring them back), channel `gatewatch:routes` (the endpoint name of
+each change). A replica applies a change when it hears of it (pub/sub) and also re-reads the whole hash every
+`resync_seconds`, which covers messages missed while its connection was down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gateway.errors import GatewayError, NotReady
+from gateway.routing.table import Route, parse_route
+
+logger = logging.getLogger(__name__)
+
+ROUTES_KEY = "gatewatch:routes"
+DELETED_KEY = "gatewatch:routes:deleted"
+CHANNEL = "gatewatch:routes"
+
+class RouteTarget(Protocol):
+    """What the store keeps in line with Redis (the gateway's Router)."""
+
+    def apply(self, endpoint: str, route: Route) -> None: ...
+
+    def remove(self, endpoint: str) -> bool: ...
+
+    def endpoints(self) -> dict[str, Route]: ...
+
+
+class RouteStore:
+    def __init__(self, redis: Redis, target: RouteTarget, validate: Callable[[str, Route], None]) -> None:
+        self._redis = redis
+        self._target = target
+        self._validate = validate
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def seed(self, initial: dict[str, dict[str, Any]]) -> None:
+        """Store the config file's routes that Redis has never seen (stored ones and deletions win)."""
+        members: Any = await self._redis.smembers(DELETED_KEY)
+        deleted = {name.decode() for name in members}
+        for endpoint, raw in initial.items():
+            if endpoint in deleted:
+                continue
+            route = parse_route(endpoint, raw)
+            await self._redis.hsetnx(ROUTES_KEY, endpoint, route.model_dump_json())
+
+    async def load_all(self) -> None:
+        """Apply every stored route; drop local routes that are gone from Redis."""
+        stored: Any = await self._redis.hgetall(ROUTES_KEY)
+        self._apply_all({k.decode(): v for k, v in stored.items()})
+
+    async def put(self, endpoint: str, route: Route) -> None:
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(ROUTES_KEY, endpoint, route.model_dump_json())
+                pipe.srem(DELETED_KEY, endpoint)
+                pipe.publish(CHANNEL, endpoint)
+                await pipe.execute()
+        except RedisError as exc:
+            raise NotReady(f"route store (redis) unavailable, route not changed: {exc}") from exc
+        self._target.apply(endpoint, route)
+
+    async def delete(self, endpoint: str) -> None:
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hdel(ROUTES_KEY, endpoint)
+                pipe.sadd(DELETED_KEY, endpoint)
+                pipe.publish(CHANNEL, endpoint)
+                await pipe.execute()
+        except RedisError as exc:
+            raise NotReady(f"route store (redis) unavailable, route not deleted: {exc}") from exc
+        self._target.remove(endpoint)
+
+    def start(self, resync_seconds: float) -> None:
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="route listener"),
+            asyncio.create_task(self._resync(resync_seconds), name="route resync"),
+        ]
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with self._redis.pubsub() as pubsub:
+                    await pubsub.subscribe(CHANNEL)
+                    await self.load_all()  # catch up on anything missed before subscribing
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            await self._reload(message["data"].decode())
+            except (RedisError, OSError) as exc:
+                logger.warning("route listener lost redis (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+
+    async def _resync(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(RedisError, OSError):
+                await self.load_all()
+
+    async def _reload(self, endpoint: str) -> None:
+        raw: Any = await self._redis.hget(ROUTES_KEY, endpoint)
+        if raw is None:
+            self._target.remove(endpoint)
+        else:
+            self._apply_all({endpoint: raw}, only=endpoint)
+
+    def _apply_all(self, stored: dict[str, bytes], only: str | None = None) -> None:
+        for endpoint, raw in stored.items():
+            try:
+                route = parse_route(endpoint, orjson.loads(raw))
+                self._validate(endpoint, route)
+            except (GatewayError, orjson.JSONDecodeError) as exc:
+                logger.error("stored route for %r not applied, keeping the current one: %s", endpoint, exc)
+                continue
+            self._target.apply(endpoint, route)
+        if only is None:
+            for endpoint in set(self._target.endpoints()) - set(stored):
+                self._target.remove(endpoint)
