@@ -91,5 +91,62 @@ def _serve_workers(settings: Settings, config: Path | None, registry: str | None
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+routes_app = typer.Typer(help="Read and change a running gateway's routes (admin API).", no_args_is_help=True)
+app.add_typer(routes_app, name="routes")
+
+UrlOption = Annotated[str, typer.Option("--url", help="The gateway's base URL.")]
+TokenOption = Annotated[
+    str | None, typer.Option("--token", envvar="GATEWATCH_ADMIN_TOKEN", help="Admin bearer token.", show_default=False)
+]
+
+
+def _admin_call(method: str, url: str, token: str | None, **kwargs: Any) -> Any:
+    import httpx
+
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    headers.update(kwargs.pop("headers", {}))
+    try:
+        response = httpx.request(method, url, headers=headers, timeout=10, **kwargs)
+    except httpx.HTTPError as exc:
+        console.print(f"[red]error:[/red] cannot reach {url}: {exc}")
+        raise typer.Exit(1) from exc
+    if response.status_code >= 400:
+        console.print(f"[red]{response.status_code}[/red] {response.text}")
+        raise typer.Exit(1)
+    return response.json()
+
+
+@routes_app.command("get")
+def routes_get(
+    endpoint: Annotated[str | None, typer.Argument(help="One endpoint; all when omitted.")] = None,
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+) -> None:
+    """Print the routes (YAML)."""
+    import yaml
+
+    path = f"/admin/endpoints/{endpoint}" if endpoint else "/admin/endpoints"
+    typer.echo(yaml.safe_dump(_admin_call("GET", url.rstrip("/") + path, token), sort_keys=False))
+
+
+@routes_app.command("set")
+def routes_set(
+    endpoint: Annotated[str, typer.Argument(help="The endpoint to create or replace.")],
+    file: Annotated[Path, typer.Option("--file", "-f", exists=True, dir_okay=False, help="Route as YAML or JSON.")],
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+) -> None:
+    """Create or replace an endpoint's route from a YAML or JSON file."""
+    import yaml
+
+    content_type = "application/json" if file.suffix == ".json" else "application/yaml"
+    stored = _admin_call(
+        "PUT", f"{url.rstrip('/')}/admin/endpoints/{endpoint}", token,
+        content=file.read_bytes(), headers={"content-type": content_type},
+    )
+    console.print(f"[green]route for {endpoint!r} applied[/green]")
+    typer.echo(yaml.safe_dump(stored, sort_keys=False))
+
+
 if __name__ == "__main__":
     app()
