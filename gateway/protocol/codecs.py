@@ -202,6 +202,12 @@ def _from_json(data: object, spec: TensorSpec, shape: tuple[int, ...], has_bool_
         raise InvalidInput(f"input {spec.name!r}: 'data' must be a flat list, not nested lists") from exc
     if array.ndim != 1:
         raise InvalidInput(f"input {spec.name!r}: 'data' must be a flat list, not nested lists")
+    if array.dtype.kind == "f" and spec.datatype == "UINT64" and all(type(v) is int for v in data):
+        # No numpy integer type holds both ints below 2**63 and above it, so numpy reads such a list as float64
+        # (losing precision); UINT64 holds every one of them that is not negative.
+        if min(data) < 0:
+            raise InvalidInput(f"input {spec.name!r}: values out of range for UINT64")
+        array = np.array(data, dtype=np.uint64)
     _check_json_kinds(array, data, spec, has_bool_literal)
     return _cast(array, spec).reshape(shape)
 
@@ -230,7 +236,11 @@ def _cast(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
         if array.min() < info.min or array.max() > info.max:
             raise InvalidInput(f"input {spec.name!r}: values out of range for {spec.datatype}")
     with np.errstate(over="ignore"):
-        return array.astype(target, copy=False)
+        cast = array.astype(target, copy=False)
+    # JSON numbers are finite, so anything infinite here overflowed FP16/FP32; reject it as integers are rejected.
+    if target.kind == "f" and cast.size and not np.isfinite(cast).all():
+        raise InvalidInput(f"input {spec.name!r}: values out of range for {spec.datatype}")
+    return cast
 
 
 def _take_binary(binary: memoryview, offset: int, size: object, name: str) -> tuple[memoryview, int]:
