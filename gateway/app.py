@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,7 @@ from gateway.runtime.manager import ModelManager
 from gateway.runtime.runner import SessionOptions
 from gateway.settings import Settings, load_settings
 from registry_client.errors import RegistryUnavailable
-from registry_client.local import open_registry
+from registry_client.factory import open_registry
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 def create_app(settings: Settings, metrics_registry: CollectorRegistry | None = None) -> FastAPI:
     metrics = GatewayMetrics(metrics_registry or CollectorRegistry())
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="onnxruntime")
-    registry = open_registry(settings.registry)
+    registry = open_registry(settings.registry, settings.data_dir / "models", os.environ)
     manager = ModelManager(
         registry,
         executor,
@@ -118,7 +119,6 @@ def create_app(settings: Settings, metrics_registry: CollectorRegistry | None = 
 
 def create_app_from_environment() -> FastAPI:
     """Factory for `uvicorn --factory` worker processes: settings from GATEWATCH_CONFIG and GATEWATCH_* env."""
-    import os
     from pathlib import Path
 
     config = os.environ.get("GATEWATCH_CONFIG")

@@ -38,6 +38,12 @@ def _settings_or_exit(config: Path | None, **overrides: Any) -> Settings:
         raise typer.Exit(2) from exc
 
 
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per registry poll request is noise; failures surface through our own log lines.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
 @app.callback()
 def main() -> None:
     """gatewatch: versioned ONNX models behind one Open Inference Protocol gateway."""
@@ -54,7 +60,7 @@ def serve(
 ) -> None:
     """Serve the registry's models over the Open Inference Protocol (KServe V2) REST API."""
     settings = _settings_or_exit(config, registry=registry, workers=workers)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(log_level)
     common: dict[str, Any] = {
         "host": host,
         "port": port,

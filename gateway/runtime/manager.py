@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from gateway.errors import ModelNotFound
 from gateway.metrics import GatewayMetrics
 from gateway.runtime.batcher import AdaptiveBatcher, BatchLimits
-from gateway.runtime.runner import OnnxRunner, SessionOptions
+from gateway.runtime.promotion import Promotion, promote
+from gateway.runtime.runner import OnnxRunner, SessionOptions, UnsupportedModel
 from registry_client.base import ModelArtifact, ModelIndex, Registry, VersionRef
 from registry_client.errors import ArtifactRejected, RegistryError, RegistryUnavailable, VersionNotFound
+from registry_client.factory import OfflineSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +50,10 @@ class ModelState:
     versions: dict[int, LoadedVersion] = field(default_factory=dict)
     aliases: dict[str, int] = field(default_factory=dict)
     refused: dict[int, str] = field(default_factory=dict)
+    latest_version: int | None = None
 
     def latest(self) -> LoadedVersion | None:
-        return self.versions[max(self.versions)] if self.versions else None
+        return self.versions.get(self.latest_version) if self.latest_version is not None else None
 
 
 class ModelManager:
@@ -113,18 +116,37 @@ class ModelManager:
     # -- registry synchronisation --------------------------------------------------------------------------
 
     async def sync(self) -> None:
-        """Bring loaded versions in line with the registry: load new ones, drop deleted ones, follow aliases."""
+        """Bring loaded versions in line with the registry: load new ones, drop deleted ones, follow aliases.
+
+        On a cold start with the registry unreachable, serve what a caching registry (MLflow) last saw, then
+        raise so that the poller backs off.
+        """
         async with self._sync_lock:
-            names = await self._registry.list_models()
-            for name in names:
-                try:
-                    index = await self._registry.index(name)
-                except VersionNotFound:
-                    continue
+            try:
+                indexes = await self._live_indexes()
+            except RegistryUnavailable:
+                if self.ready or not isinstance(self._registry, OfflineSnapshot):
+                    raise
+                cached = await self._registry.snapshot()
+                logger.warning("registry unreachable at start: serving %d model(s) from the cache", len(cached))
+                for index in cached:
+                    await self._sync_model(index)
+                self.ready = True
+                raise
+            for index in indexes:
                 await self._sync_model(index)
-            for name in set(self._models) - set(names):
+            for name in set(self._models) - {index.model for index in indexes}:
                 await self._unload_model(name)
             self.ready = True
+
+    async def _live_indexes(self) -> list[ModelIndex]:
+        indexes = []
+        for name in await self._registry.list_models():
+            try:
+                indexes.append(await self._registry.index(name))
+            except VersionNotFound:
+                continue  # deleted between the listing and now
+        return indexes
 
     async def poll_forever(self, interval: float) -> None:
         """Sync every `interval` seconds; while the registry is unreachable, keep serving and back off."""
@@ -151,9 +173,21 @@ class ModelManager:
             else:
                 refused[version] = reason
         removed = [versions.pop(v) for v in list(versions) if v not in index.versions]
-        self._models[index.model] = ModelState(index.model, versions, dict(index.aliases), refused)
+        runners = {v: loaded.runner for v, loaded in versions.items()}
+        promotion = promote(runners, index.aliases, current.aliases, current.latest_version)
+        self._report(index.model, promotion)
+        # One assignment publishes the new state: a request sees the old versions and aliases or the new ones.
+        self._models[index.model] = ModelState(index.model, versions, promotion.aliases, refused, promotion.latest)
         for old in removed:
             await self._unload(old)
+
+    def _report(self, model: str, promotion: Promotion) -> None:
+        for note in promotion.moved:
+            logger.info("%s: %s", model, note)
+            self._metrics.model_reloads.labels(model, "moved").inc()
+        for note in promotion.refused:
+            logger.error("%s: refused %s; the current version keeps serving", model, note)
+            self._metrics.model_reloads.labels(model, "refused").inc()
 
     async def _load(self, model: str, version: int) -> tuple[LoadedVersion | None, str]:
         try:
@@ -163,19 +197,25 @@ class ModelManager:
             )
         except ArtifactRejected as exc:
             return None, self._refuse(model, version, exc.reason, str(exc))
+        except RegistryUnavailable:
+            raise  # transient: try this version again at the next poll
         except RegistryError as exc:
             return None, self._refuse(model, version, "fetch_failed", str(exc))
+        except UnsupportedModel as exc:
+            return None, self._refuse(model, version, "unsupported", str(exc))
         except Exception as exc:  # onnxruntime raises its own types for a file it cannot load
             return None, self._refuse(model, version, "invalid_model", f"onnxruntime cannot load it: {exc}")
         label = f"{model} v{version}"
         batcher = AdaptiveBatcher(runner, self._limits_for(model), self._metrics.for_version(model, version), label)
         self._metrics.model_loaded.labels(model, str(version)).set(1)
+        self._metrics.model_reloads.labels(model, "loaded").inc()
         logger.info("loaded %s (%s, batching %s)", label, artifact.directory, "on" if runner.batched else "off")
         return LoadedVersion(artifact, runner, batcher), ""
 
     def _refuse(self, model: str, version: int, reason: str, detail: str) -> str:
         logger.error("refused %s v%s [%s]: %s", model, version, reason, detail)
         self._metrics.model_load_failures.labels(model, str(version), reason).inc()
+        self._metrics.model_reloads.labels(model, "failed").inc()
         return reason
 
     async def _unload(self, loaded: LoadedVersion) -> None:

@@ -1,0 +1,242 @@
+"""MLflow Model Registry backend, over MLflow's REST API with httpx (no `mlflow` package at run time).
+
+Versions and aliases come from the registry endpoints; a version's files are found with
+`model-versions/get-download-uri` (MLflow 3 registers logged models as `models:/m-…`, which that call resolves
+to their storage location) and downloaded through the tracking server's artifact proxy (`mlflow-artifacts`,
+`mlflow server --serve-artifacts`) into a local cache keyed by model and version. A cached version is verified
+(sizes, sha256 from the version's `sha256` tag or meta.json) and reused; the last index seen per model is kept
+beside it, so a gateway cold-started while the registry is down serves from the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+
+from registry_client.base import (
+    META_FILE,
+    MODEL_FILE,
+    REFERENCE_FILE,
+    ModelArtifact,
+    ModelIndex,
+    file_sha256,
+    read_meta,
+    verify_artifact,
+)
+from registry_client.errors import ArtifactRejected, RegistryError, RegistryUnavailable, VersionNotFound
+
+API = "/api/2.0/mlflow"
+ARTIFACTS = "/api/2.0/mlflow-artifacts/artifacts"
+WANTED_FILES = (MODEL_FILE, META_FILE, REFERENCE_FILE)
+_COMPLETE = ".complete"
+_INDEX = "index.json"
+_PAGE = 200
+
+
+def credentials_from_env(env: Mapping[str, str]) -> httpx.Auth | None:
+    """MLflow's own variables: MLFLOW_TRACKING_TOKEN (bearer) or MLFLOW_TRACKING_USERNAME / _PASSWORD."""
+    token = env.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        return _Bearer(token)
+    user, password = env.get("MLFLOW_TRACKING_USERNAME"), env.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return httpx.BasicAuth(user, password)
+    return None
+
+
+class _Bearer(httpx.Auth):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def auth_flow(self, request: httpx.Request) -> Any:
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        yield request
+
+
+class MlflowRegistry:
+    def __init__(self, uri: str, cache_dir: Path, auth: httpx.Auth | None = None, timeout: float = 10.0) -> None:
+        base = uri.removeprefix("mlflow+")
+        if urlsplit(base).scheme not in ("http", "https"):
+            raise ValueError(f"unsupported MLflow registry URI {uri!r}: expected mlflow+http(s)://host:port")
+        self._base = base.rstrip("/")
+        self._cache = cache_dir
+        self._client = httpx.AsyncClient(base_url=self._base, auth=auth, timeout=timeout)
+        self.description = f"MLflow registry at {self._base} (cache {cache_dir})"
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # -- registry queries ----------------------------------------------------------------------------
+
+    async def list_models(self) -> list[str]:
+        models = await self._paged(f"{API}/registered-models/search", "registered_models", {})
+        return sorted(str(m["name"]) for m in models)
+
+    async def index(self, model: str) -> ModelIndex:
+        registered = (await self._get(f"{API}/registered-models/get", {"name": model}))["registered_model"]
+        aliases = {str(a["alias"]): int(a["version"]) for a in registered.get("aliases", [])}
+        escaped = model.replace("'", "\\'")
+        versions = await self._paged(f"{API}/model-versions/search", "model_versions", {"filter": f"name='{escaped}'"})
+        ready = tuple(sorted(int(v["version"]) for v in versions if v.get("status", "READY") == "READY"))
+        index = ModelIndex(model=model, versions=ready, aliases=aliases)
+        await asyncio.to_thread(self._remember_index, index)
+        return index
+
+    async def snapshot(self) -> list[ModelIndex]:
+        """The last indexes seen, from the cache: what to serve when the registry is unreachable at start."""
+        return await asyncio.to_thread(self._cached_indexes)
+
+    async def fetch(self, model: str, version: int) -> ModelArtifact:
+        target = self._cache / model / str(version)
+        if (target / _COMPLETE).is_file():
+            return await asyncio.to_thread(self._verified, model, version, target)
+        version_info = (await self._get(f"{API}/model-versions/get", {"name": model, "version": str(version)}))[
+            "model_version"
+        ]
+        location = (
+            await self._get(f"{API}/model-versions/get-download-uri", {"name": model, "version": str(version)})
+        )["artifact_uri"]
+        listing = await self._list_artifacts(_proxy_path(str(location)))
+        staging = Path(await asyncio.to_thread(self._staging_dir, model))
+        try:
+            for name, (path, size) in listing.items():
+                await self._download(path, staging / name, size)
+            expected = _sha256_tag(version_info)
+            await asyncio.to_thread(self._finish, staging, target, expected)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+        return await asyncio.to_thread(self._verified, model, version, target)
+
+    # -- HTTP -----------------------------------------------------------------------------------------
+
+    async def _get(self, path: str, params: dict[str, str]) -> dict[str, Any]:
+        try:
+            response = await self._client.get(path, params=params)
+        except httpx.HTTPError as exc:
+            raise RegistryUnavailable(f"{self._base}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code == 404:
+            raise VersionNotFound(f"{self._base}{path} {params}: {_message(response)}")
+        if response.status_code >= 500 or response.status_code in (401, 403, 429):
+            raise RegistryUnavailable(f"{self._base}{path}: HTTP {response.status_code} {_message(response)}")
+        if response.status_code >= 400:
+            raise RegistryError(f"{self._base}{path} {params}: HTTP {response.status_code} {_message(response)}")
+        body: dict[str, Any] = orjson.loads(response.content or b"{}")
+        return body
+
+    async def _paged(self, path: str, key: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            query = {**params, "max_results": str(_PAGE)}
+            if token:
+                query["page_token"] = token
+            page = await self._get(path, query)
+            items.extend(page.get(key, []))
+            token = page.get("next_page_token")
+            if not token:
+                return items
+
+    async def _list_artifacts(self, directory: str) -> dict[str, tuple[str, int | None]]:
+        files = (await self._get(ARTIFACTS, {"path": directory})).get("files", [])
+        found = {
+            str(f["path"]).rsplit("/", 1)[-1]: (f"{directory}/{str(f['path']).rsplit('/', 1)[-1]}", f.get("file_size"))
+            for f in files
+            if not f.get("is_dir") and str(f["path"]).rsplit("/", 1)[-1] in WANTED_FILES
+        }
+        if MODEL_FILE not in found:
+            raise ArtifactRejected(f"no {MODEL_FILE} in the artifact directory {directory}", reason="missing_file")
+        return found
+
+    async def _download(self, path: str, destination: Path, size: int | None) -> None:
+        written = 0
+        try:
+            async with self._client.stream("GET", f"{ARTIFACTS}/{path}") as response:
+                if response.status_code != 200:
+                    raise RegistryUnavailable(f"download of {path}: HTTP {response.status_code}")
+                handle = await asyncio.to_thread(destination.open, "wb")
+                try:
+                    async for chunk in response.aiter_bytes(1 << 20):
+                        written += len(chunk)
+                        await asyncio.to_thread(handle.write, chunk)
+                finally:
+                    await asyncio.to_thread(handle.close)
+        except httpx.HTTPError as exc:
+            raise RegistryUnavailable(f"download of {path}: {type(exc).__name__}: {exc}") from exc
+        if size is not None and written != int(size):
+            raise ArtifactRejected(f"{path}: downloaded {written} bytes, the registry lists {size}", "size_mismatch")
+
+    # -- cache (blocking; called through asyncio.to_thread) -------------------------------------------
+
+    def _staging_dir(self, model: str) -> str:
+        (self._cache / model).mkdir(parents=True, exist_ok=True)
+        return tempfile.mkdtemp(prefix=".download-", dir=self._cache / model)
+
+    def _finish(self, staging: Path, target: Path, expected_sha256: str | None) -> None:
+        verify_artifact(ModelArtifact("", 0, staging, read_meta(staging)))
+        if expected_sha256 is not None:
+            actual = file_sha256(staging / MODEL_FILE)
+            if actual != expected_sha256.lower():
+                raise ArtifactRejected(
+                    f"{MODEL_FILE}: sha256 is {actual}, the version's sha256 tag says {expected_sha256}",
+                    reason="sha256_mismatch",
+                )
+        (staging / _COMPLETE).write_text("ok")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+
+    def _verified(self, model: str, version: int, directory: Path) -> ModelArtifact:
+        artifact = ModelArtifact(model, version, directory, read_meta(directory))
+        verify_artifact(artifact)
+        return artifact
+
+    def _remember_index(self, index: ModelIndex) -> None:
+        directory = self._cache / index.model
+        directory.mkdir(parents=True, exist_ok=True)
+        staging = directory / f".{_INDEX}.tmp"
+        staging.write_bytes(orjson.dumps({"versions": list(index.versions), "aliases": index.aliases}))
+        os.replace(staging, directory / _INDEX)
+
+    def _cached_indexes(self) -> list[ModelIndex]:
+        indexes: list[ModelIndex] = []
+        for path in sorted(self._cache.glob(f"*/{_INDEX}")):
+            raw = orjson.loads(path.read_bytes())
+            cached = tuple(v for v in raw["versions"] if (path.parent / str(v) / _COMPLETE).is_file())
+            aliases = {a: v for a, v in raw["aliases"].items() if v in cached}
+            indexes.append(ModelIndex(path.parent.name, cached, aliases))
+        return indexes
+
+
+def _proxy_path(artifact_uri: str) -> str:
+    """`mlflow-artifacts:/0/abc/artifacts/model` or `mlflow-artifacts://host/0/…` -> `0/abc/artifacts/model`."""
+    parts = urlsplit(artifact_uri)
+    if parts.scheme != "mlflow-artifacts":
+        raise ArtifactRejected(
+            f"artifacts at {artifact_uri!r} are not served by the tracking server's proxy "
+            "(start it with --serve-artifacts)",
+            reason="unsupported_artifact_location",
+        )
+    return parts.path.strip("/")
+
+
+def _sha256_tag(version_info: dict[str, Any]) -> str | None:
+    for tag in version_info.get("tags", []) or []:
+        if tag.get("key") == "sha256" and tag.get("value"):
+            return str(tag["value"])
+    return None
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        return str(orjson.loads(response.content).get("message", ""))
+    except orjson.JSONDecodeError:
+        return response.text[:200]
