@@ -97,6 +97,21 @@ def _serve_workers(settings: Settings, config: Path | None, registry: str | None
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+@app.command()
+def monitor(
+    metrics_port: Annotated[int, typer.Option(help="Port of /metrics (0: any free one).")] = 9400,
+    metrics_host: Annotated[str, typer.Option(help="Interface for /metrics.")] = "127.0.0.1",
+    config: ConfigOption = None,
+    log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
+) -> None:
+    """Watch the prediction logs: windows, drift, latency, alerts. Run several to share the streams."""
+    settings = _settings_or_exit(config)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from monitors.service import run_monitor  # lazily: `serve` never pays for scipy
+
+    run_monitor(settings, metrics_host=metrics_host, metrics_port=metrics_port)
+
+
 routes_app = typer.Typer(help="Read and change a running gateway's routes (admin API).", no_args_is_help=True)
 app.add_typer(routes_app, name="routes")
 

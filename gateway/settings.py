@@ -7,7 +7,7 @@ variables, the YAML file named by `--config` / `GATEWATCH_CONFIG`, the defaults 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -106,6 +106,28 @@ class Settings(BaseSettings):
     """Comma-separated in the environment; every alert event goes to each."""
     retrain_webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
+
+    drift_correction: Literal["holm", "bonferroni"] = "holm"
+    """How `drift_alpha` is shared across a window's features (family-wise): Holm's step-down, or Bonferroni."""
+    monitor_lease_seconds: float = Field(default=10.0, gt=0)
+    """A monitor worker's claim on a log stream lasts this long unless renewed; a crashed worker's streams move on
+    after it. Renewed every third of it."""
+    monitor_discovery_seconds: float = Field(default=5.0, gt=0)
+    """How often a monitor worker looks for new `gatewatch:log:*` streams and rebalances its share of them."""
+    monitor_read_count: int = Field(default=1000, ge=1)
+    """Entries per XREADGROUP call."""
+    monitor_threads: int = Field(default=2, ge=1)
+    """Threads for a monitor worker's heavy work (tensor decoding, drift statistics), off the event loop."""
+    monitor_results_maxlen: int = Field(default=100_000, ge=1)
+    """Approximate cap (XADD MAXLEN ~) of the stored window results, `gatewatch:windows`."""
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0)
+    """One webhook POST slower than this counts as failed (and is retried)."""
+    webhook_attempts: int = Field(default=6, ge=1)
+    """Tries per receiver before an event goes to `gatewatch:deadletter`."""
+    webhook_backoff_seconds: float = Field(default=0.5, ge=0)
+    """Delay before the first retry; doubled each time, with full jitter, up to `webhook_backoff_max_seconds`."""
+    webhook_backoff_max_seconds: float = Field(default=30.0, ge=0)
+    """Longest delay between two tries of one webhook delivery."""
 
     @field_validator("webhook_urls", "log_redact", mode="before")
     @classmethod
