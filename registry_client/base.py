@@ -65,7 +65,8 @@ class Registry(Protocol):
 
 def parse_version_ref(ref: str) -> VersionRef:
     """`"3"` -> 3; anything else stays a name (alias or `latest`)."""
-    return int(ref) if ref.isdigit() else ref
+    # str.isdigit() also accepts non-ASCII digits ("²", "٣") that int() rejects or reads as another number.
+    return int(ref) if ref.isascii() and ref.isdigit() else ref
 
 
 def read_meta(directory: Path) -> dict[str, Any]:

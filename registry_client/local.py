@@ -53,7 +53,7 @@ class DirectoryRegistry:
             sorted(
                 int(p.name)
                 for p in model_dir.iterdir()
-                if p.name.isdigit() and int(p.name) > 0 and (p / MODEL_FILE).is_file()
+                if _is_version_name(p.name) and (p / MODEL_FILE).is_file()
             )
         )
         return ModelIndex(model=model, versions=versions, aliases=self._aliases(model_dir))
@@ -68,7 +68,11 @@ class DirectoryRegistry:
             return {}
         if not isinstance(raw, dict):
             return {}
-        return {str(name): int(v) for name, v in raw.items() if isinstance(v, int | str) and str(v).isdigit()}
+        return {
+            str(name): int(v)
+            for name, v in raw.items()
+            if (type(v) is int and v > 0) or (isinstance(v, str) and _is_version_name(v))
+        }
 
     def _fetch(self, model: str, version: int) -> ModelArtifact:
         directory = self.root / model / str(version)
@@ -77,6 +81,15 @@ class DirectoryRegistry:
         artifact = ModelArtifact(model=model, version=version, directory=directory, meta=read_meta(directory))
         verify_artifact(artifact)
         return artifact
+
+
+def _is_version_name(name: str) -> bool:
+    """A positive integer written the one way `fetch` looks it up: ASCII digits, no sign, no leading zero.
+
+    (`str.isdigit()` alone also accepts "²" or "٣", on which `int()` fails or reads another number, and "01",
+    whose directory `fetch(model, 1)` would never find.)
+    """
+    return name.isascii() and name.isdigit() and not name.startswith("0")
 
 
 def open_registry(uri: str) -> DirectoryRegistry:

@@ -191,6 +191,9 @@ def _from_json(data: object, spec: TensorSpec, shape: tuple[int, ...], has_bool_
         raise InvalidInput(f"input {spec.name!r}: 'data' must be a flat list of values in row-major order")
     count = prod(shape)
     if len(data) != count:
+        # Nested rows ([[1, 2, 3]]) also miscount; name the real mistake (only on this error path: no cost otherwise).
+        if any(isinstance(v, list) for v in data):
+            raise InvalidInput(f"input {spec.name!r}: 'data' must be a flat list, not nested lists")
         raise InvalidInput(f"input {spec.name!r} has shape {list(shape)}, so needs {count} values, got {len(data)}")
     if spec.datatype == "BYTES":
         if not all(isinstance(v, str) for v in data):

@@ -90,16 +90,25 @@ class AdaptiveBatcher:
         if len(self._queue) >= self._limits.max_queue_size:
             raise Overloaded(f"{self._label}: queue full ({len(self._queue)} requests waiting); retry later")
         future: asyncio.Future[list[np.ndarray]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(inputs, rows, future, time.monotonic(), deadline))
+        pending = _Pending(inputs, rows, future, time.monotonic(), deadline)
+        self._queue.append(pending)
         self._observer.queue_depth(len(self._queue))
         self._wakeup.set()
-        if deadline is None:
-            return await future
         try:
+            if deadline is None:
+                return await future
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
                 return await future
         except TimeoutError:
             raise DeadlineExceeded(f"{self._label}: deadline passed before the model answered") from None
+        finally:
+            if future.cancelled():  # deadline passed or caller gone: leave the queue now, not when a slot frees
+                self._discard(pending)
+
+    def _discard(self, pending: _Pending) -> None:
+        with contextlib.suppress(ValueError):  # already taken into a batch
+            self._queue.remove(pending)
+            self._observer.queue_depth(len(self._queue))
 
     async def aclose(self) -> None:
         """Stop taking requests, answer the ones already queued, then stop."""

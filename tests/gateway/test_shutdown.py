@@ -1,0 +1,110 @@
+"""SIGTERM is a graceful stop: every request already in flight is answered, then the process exits 0.
+
+A dedicated gateway serves `slow`; two large requests hold both run slots while 48 small ones queue behind them,
+so all 50 are provably in flight (the gateway's own gauge says so) when the signal arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import start_gateway, write_config
+
+IN_FLIGHT = 50
+RUN_SLOTS = 2  # inference_threads: requests running at once; the rest wait in the queue
+SLOW_WIDTH = 512
+BLOCKER_ROWS = 8192  # ~1 s of onnxruntime on one core: the 48 others arrive and queue meanwhile
+GRACEFUL_SECONDS = 20
+
+
+async def in_flight(client: httpx.AsyncClient) -> float:
+    response = await client.get("/metrics")
+    response.raise_for_status()
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == "gatewatch_requests_in_flight":
+                return sample.value
+    raise AssertionError("gatewatch_requests_in_flight missing from /metrics")
+
+
+async def wait_in_flight(client: httpx.AsyncClient, at_least: int, within: float = 30) -> None:
+    """Poll the gauge until it reaches `at_least`: a condition, not a sleep."""
+    deadline = time.monotonic() + within
+    while (value := await in_flight(client)) < at_least:
+        assert time.monotonic() < deadline, f"only {value} requests in flight after {within}s, expected {at_least}"
+        await asyncio.sleep(0.01)
+
+
+def blocker_request() -> tuple[bytes, dict[str, str]]:
+    rows = np.random.default_rng(0).normal(size=(BLOCKER_ROWS, SLOW_WIDTH)).astype("<f4")
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "input", "shape": [BLOCKER_ROWS, SLOW_WIDTH], "datatype": "FP32",
+                 "parameters": {"binary_data_size": rows.nbytes}}
+            ],
+            "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    return header + rows.tobytes(), {"inference-header-content-length": str(len(header))}
+
+
+def small_request(index: int) -> dict[str, object]:
+    row = np.full(SLOW_WIDTH, index / IN_FLIGHT, dtype=np.float32)
+    return {"id": f"small-{index}", "inputs": [
+        {"name": "input", "shape": [1, SLOW_WIDTH], "datatype": "FP32", "data": row.tolist()}
+    ]}
+
+
+async def test_shutdown_sigterm_answers_all_in_flight_requests(
+    model_registry: Path, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path / "gatewatch.yaml", model_registry, inference_threads=RUN_SLOTS,
+        shutdown_timeout_seconds=GRACEFUL_SECONDS,
+    )
+    gateway = start_gateway(config, tmp_path)
+    try:
+        limits = httpx.Limits(max_connections=IN_FLIGHT + 5, max_keepalive_connections=IN_FLIGHT + 5)
+        async with (
+            httpx.AsyncClient(base_url=gateway.url, timeout=GRACEFUL_SECONDS + 10, limits=limits) as client,
+            httpx.AsyncClient(base_url=gateway.url, timeout=10) as probe,
+        ):
+            content, headers = blocker_request()
+            blockers = [
+                asyncio.create_task(client.post("/v2/models/slow/infer", content=content, headers=headers))
+                for _ in range(RUN_SLOTS)
+            ]
+            await wait_in_flight(probe, RUN_SLOTS)
+            small = [
+                asyncio.create_task(client.post("/v2/models/slow/infer", json=small_request(i)))
+                for i in range(IN_FLIGHT - RUN_SLOTS)
+            ]
+            await wait_in_flight(probe, IN_FLIGHT)
+            assert not any(task.done() for task in blockers + small), "a request finished before SIGTERM"
+
+            gateway.process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            responses = await asyncio.gather(*blockers, *small, return_exceptions=True)
+
+        failures = [r if isinstance(r, BaseException) else f"{r.status_code} {r.text[:200]}"
+                    for r in responses if isinstance(r, BaseException) or r.status_code != 200]
+        assert not failures, f"{len(failures)} of {IN_FLIGHT} in-flight requests not answered 200: {failures[:3]}"
+        for index, response in enumerate(responses[RUN_SLOTS:]):
+            assert isinstance(response, httpx.Response)
+            assert response.json()["id"] == f"small-{index}"
+
+        exit_code = await asyncio.to_thread(gateway.process.wait, GRACEFUL_SECONDS + 5)
+        assert time.monotonic() - signalled < GRACEFUL_SECONDS
+        assert exit_code == 0, f"gateway exited with {exit_code} after SIGTERM:\n{gateway.log()[-3000:]}"
+        assert "Application shutdown complete" in gateway.log()
+    finally:
+        gateway.terminate()
