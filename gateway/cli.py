@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -36,6 +37,10 @@ def _settings_or_exit(config: Path | None, **overrides: Any) -> Settings:
             where = ".".join(str(part) for part in problem["loc"]) or "settings"
             console.print(f"  {where}: {problem['msg']} (got {problem.get('input')!r})")
         raise typer.Exit(2) from exc
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _configure_logging(level: str) -> None:
@@ -71,6 +76,8 @@ def serve(
         "access_log": False,
     }
     console.print(f"gatewatch serving {settings.registry} on http://{host}:{port} (workers: {settings.workers})")
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; finish with exit status 0 instead.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     if settings.workers == 1:
         from gateway.app import create_app
 

@@ -159,6 +159,9 @@ class ModelManager:
             except RegistryUnavailable as exc:
                 delay = min(delay * 2, max(interval, 60.0))
                 logger.warning("registry unavailable (%s); serving what is loaded, next try in %.0fs", exc, delay)
+            except Exception:  # the poller must outlive any one bad sync; what loaded keeps serving
+                delay = min(delay * 2, max(interval, 60.0))
+                logger.exception("registry sync failed; next try in %.0fs", delay)
 
     async def _sync_model(self, index: ModelIndex) -> None:
         current = self._models.get(index.model, ModelState(index.model))
