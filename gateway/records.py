@@ -115,8 +115,12 @@ def _tensor_with_cap(
         kept: list[str] = []
         used = 0
         for value in flat:
-            text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-            used += len(text)
+            if isinstance(value, bytes):
+                used += len(value)
+                text = value.decode("utf-8", "replace")
+            else:
+                text = str(value)
+                used += len(text.encode("utf-8", "replace"))  # the cap is in bytes, like a numeric tensor's
             if used > max_bytes:
                 return _tensor(name, datatype or "BYTES", array, kept), True
             kept.append(text)

@@ -48,12 +48,18 @@ class Spool:
     def open(self, blocking_lock: bool = False) -> bool:
         """Open and lock the file; False when another live process holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = self.path.open("ab+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking_lock else fcntl.LOCK_NB))
-        except BlockingIOError:
+        while True:
+            handle = self.path.open("ab+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking_lock else fcntl.LOCK_NB))
+            except BlockingIOError:
+                handle.close()
+                return False
+            if _names(self.path, handle):
+                break
+            # While we waited, the holder (replaying it as an orphan) found it empty and removed it: the lock
+            # we got is on a file nobody can find again. Lock the file at our path instead.
             handle.close()
-            return False
         self._handle = handle
         self.size = handle.seek(0, os.SEEK_END)
         return True
@@ -117,6 +123,16 @@ class Spool:
             self._cursor_path.unlink(missing_ok=True)
         self._handle.close()
         self._handle = None
+
+
+def _names(path: Path, handle: IO[bytes]) -> bool:
+    """Whether `path` still names the open file `handle` (not removed or replaced since it was opened)."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(handle.fileno())
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def orphaned_spools(directory: Path, max_bytes: int) -> list[Spool]:

@@ -277,9 +277,13 @@ class LogWriter:
                 present |= await self._uids_since(stream, start_ms - _CLOCK_MARGIN_MS)
         except _UNREACHABLE:
             return None
-        if present:
-            logger.info("replay: %d records already reached redis before the outage; not sent twice", len(present))
-        return [r for r in records if r.fields.get("uid") not in present]
+        pending = [r for r in records if r.fields.get("uid") not in present]
+        if len(pending) < len(records):
+            logger.info(
+                "replay: %d records already reached redis before the outage; not sent twice",
+                len(records) - len(pending),
+            )
+        return pending
 
     async def _uids_since(self, stream: str, start_ms: int, page: int = 5000) -> set[str]:
         found: set[str] = set()
