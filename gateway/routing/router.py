@@ -79,7 +79,7 @@ class Router:
     def __init__(self, default_policy: PayloadPolicy) -> None:
         self._routes: dict[str, CompiledRoute] = {}
         self._default_policy = default_policy
-        self._answers: OrderedDict[str, tuple[str, int, list[Any]]] = OrderedDict()
+        self._answers: OrderedDict[str, tuple[str, str, list[Any]]] = OrderedDict()
 
     def get(self, endpoint: str) -> CompiledRoute | None:
         return self._routes.get(endpoint)
@@ -103,8 +103,14 @@ class Router:
     # -- bandit rewards --------------------------------------------------------------------------------
 
     def remember(self, endpoint: str, request_id: str, variant_index: int, predictions: list[Any]) -> None:
-        """Keep what a bandit variant answered, so a label arriving later can be scored against it."""
-        self._answers[request_id] = (endpoint, variant_index, predictions)
+        """Keep what a bandit variant answered, so a label arriving later can be scored against it.
+
+        The variant is kept by name: a PUT may reorder the variants before the reward arrives.
+        """
+        compiled = self._routes.get(endpoint)
+        if compiled is None or variant_index >= len(compiled.route.variants):
+            return
+        self._answers[request_id] = (endpoint, compiled.route.variants[variant_index].name, predictions)
         if len(self._answers) > _REMEMBERED_ANSWERS:
             self._answers.popitem(last=False)
 
@@ -116,9 +122,10 @@ class Router:
             return False
         if not isinstance(compiled.chooser, BanditChooser):
             return False
-        _, index, predictions = remembered
+        _, name, predictions = remembered
+        index = next((i for i, v in enumerate(compiled.route.variants) if v.name == name), None)
         value = reward if reward is not None else label_reward(label, predictions)
-        if value is None or index >= len(compiled.chooser.arms):
+        if value is None or index is None:
             return False
         compiled.chooser.reward(index, value)
         return True

@@ -28,7 +28,8 @@ class Chooser(Protocol):
 
 class WeightedChooser:
     def __init__(self, weights: list[float], rng: random.Random | None = None) -> None:
-        self._cumulative = list(itertools.accumulate(weights))
+        top = max(weights)  # relative weights, scaled so that their sum cannot overflow to inf
+        self._cumulative = list(itertools.accumulate(w / top for w in weights))
         self._total = self._cumulative[-1]
         self._random = (rng or random.Random()).random
 

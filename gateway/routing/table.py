@@ -32,7 +32,7 @@ class Variant(_Strict):
     name: str = Field(min_length=1, max_length=64)
     model: str = Field(min_length=1)
     version: int | str = "champion"
-    weight: float = Field(default=1.0, gt=0)
+    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
 
 
 class ShadowVariant(_Strict):
