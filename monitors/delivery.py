@@ -1,0 +1,125 @@
+"""Webhook delivery of the alerts stream, as an outbox: `gatewatch:alerts` read through its own consumer group.
+
+An event is stored (with its window, atomically) before anyone tries to deliver it; the delivery loop reads it
+through the group `gatewatch-webhooks`, POSTs it to every receiver in a task of its own (consumption of the log
+streams never waits for a webhook), and acknowledges it once every receiver has it or it is dead-lettered. If a
+worker dies mid-delivery, another worker claims the event after it has been idle longer than any delivery
+can take, and delivers it again under the same event id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from gateway.records import ALERTS_STREAM
+from monitors.alerts import RETRAIN_REQUESTED
+from monitors.webhooks import WebhookSender
+
+logger = logging.getLogger(__name__)
+
+DELIVERY_GROUP = "gatewatch-webhooks"
+_CLAIM_EVERY_SECONDS = 10.0
+
+
+class AlertDelivery:
+    def __init__(
+        self,
+        redis: Redis,
+        sender: WebhookSender,
+        urls: list[str],
+        retrain_url: str | None,
+        consumer: str,
+        claim_idle_ms: int,
+        max_in_flight: int = 16,
+        block_ms: int = 500,
+    ) -> None:
+        self._redis = redis
+        self._sender = sender
+        self._urls = list(dict.fromkeys(urls))
+        self._retrain_url = retrain_url
+        self._consumer = consumer
+        self._claim_idle_ms = claim_idle_ms
+        self._max_in_flight = max_in_flight
+        self._block_ms = block_ms
+        self._in_flight: dict[bytes, asyncio.Task[None]] = {}
+        self._next_claim = 0.0
+
+    async def prepare(self) -> None:
+        """Create the group at the stream's end: events stored from now on are delivered (before any is stored)."""
+        try:
+            await self._redis.xgroup_create(ALERTS_STREAM, DELIVERY_GROUP, id="$", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def targets(self, event_type: str) -> list[str]:
+        urls = list(self._urls)
+        if event_type == RETRAIN_REQUESTED and self._retrain_url and self._retrain_url not in urls:
+            urls.append(self._retrain_url)
+        return urls
+
+    async def run(self, stop: asyncio.Event, grace_seconds: float = 5.0) -> None:
+        try:
+            while not stop.is_set():
+                room = self._max_in_flight - len(self._in_flight)
+                if room <= 0:
+                    await asyncio.wait(list(self._in_flight.values()), timeout=self._block_ms / 1000,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                for entry_id, fields in await self._next_events(room):
+                    if entry_id not in self._in_flight:
+                        task = asyncio.create_task(self._deliver(entry_id, fields))
+                        self._in_flight[entry_id] = task
+                        task.add_done_callback(functools.partial(self._done, entry_id))
+        finally:
+            await self._finish(grace_seconds)
+
+    async def _next_events(self, room: int) -> list[tuple[bytes, Any]]:
+        entries: list[tuple[bytes, Any]] = []
+        if time.monotonic() >= self._next_claim:
+            self._next_claim = time.monotonic() + _CLAIM_EVERY_SECONDS
+            reply: Any = await self._redis.xautoclaim(
+                ALERTS_STREAM, DELIVERY_GROUP, self._consumer, self._claim_idle_ms, "0-0", count=room)
+            entries += [(i, f) for i, f in reply[1] if i not in self._in_flight]
+        read: Any = await self._redis.xreadgroup(
+            DELIVERY_GROUP, self._consumer, {ALERTS_STREAM: ">"}, count=room, block=self._block_ms)
+        if isinstance(read, dict):
+            entries += [entry for batches in read.values() for batch in batches for entry in batch]
+        else:
+            entries += [entry for _, batch in read or [] for entry in batch]
+        return entries
+
+    async def _deliver(self, entry_id: bytes, fields: Any) -> None:
+        body = (fields or {}).get(b"event", b"")
+        try:
+            event = orjson.loads(body)
+            event_id, event_type = str(event["event_id"]), str(event["type"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            logger.error("alert %s is not a readable event; skipped", entry_id)
+        else:
+            await asyncio.gather(*(self._sender.deliver(event_id, body, url) for url in self.targets(event_type)))
+        await self._redis.xack(ALERTS_STREAM, DELIVERY_GROUP, entry_id)
+
+    def _done(self, entry_id: bytes, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(entry_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            # Redis went away mid-delivery: the event stays pending and is claimed again later.
+            logger.warning("delivery of alert %s interrupted: %r", entry_id, task.exception())
+
+    async def _finish(self, grace_seconds: float) -> None:
+        """Give deliveries in flight a moment; what is cut short stays pending and is claimed again later."""
+        tasks = list(self._in_flight.values())
+        if not tasks:
+            return
+        _, unfinished = await asyncio.wait(tasks, timeout=grace_seconds)
+        for task in unfinished:
+            task.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)

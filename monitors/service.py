@@ -1,0 +1,114 @@
+"""`gatewatch monitor`: the composition root of one monitor worker process.
+
+Opens (and closes, in reverse order) Redis, the registry, the thread pool, the httpx client and the /metrics
+server; builds the worker; stops it on SIGTERM/SIGINT: consumers stop, leases are released (other workers take the
+streams over at once, re-reading what was pending), webhook deliveries in flight get a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+from prometheus_client import CollectorRegistry, start_http_server
+from redis.asyncio import Redis
+
+from gateway.redis_connection import open_redis
+from gateway.settings import Settings
+from monitors.alerts import AlertRules
+from monitors.analysis import DriftSettings
+from monitors.consumer import ConsumerContext
+from monitors.delivery import AlertDelivery
+from monitors.lag import LagProbe
+from monitors.metrics import MonitorMetrics
+from monitors.ownership import Ownership
+from monitors.reference import ReferenceStore
+from monitors.store import WindowStore
+from monitors.webhooks import RetryPolicy, WebhookSender
+from monitors.windows import WindowSpec
+from monitors.worker import MonitorWorker
+from registry_client.base import Registry
+from registry_client.factory import open_registry
+
+logger = logging.getLogger(__name__)
+
+
+def run_monitor(settings: Settings, metrics_host: str = "127.0.0.1", metrics_port: int = 9400) -> None:
+    """Run one worker until SIGTERM or SIGINT."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per webhook POST is noise
+    registry = CollectorRegistry()
+    metrics = MonitorMetrics(registry)
+    server, _ = start_http_server(metrics_port, addr=metrics_host, registry=registry)
+    logger.info("monitor metrics on http://%s:%d/metrics", metrics_host, server.server_port)
+    try:
+        asyncio.run(_serve(settings, metrics))
+    finally:
+        server.shutdown()
+
+
+async def _serve(settings: Settings, metrics: MonitorMetrics) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    connection = await open_redis(settings.redis_url, settings.data_dir, settings.redis_timeout_seconds + 1.0)
+    registry = _registry(settings)
+    executor = ThreadPoolExecutor(settings.monitor_threads, thread_name_prefix="gatewatch-monitor")
+    client = httpx.AsyncClient()
+    logger.info("monitor worker %s on %s", worker_id, connection.description)
+    if settings.webhook_urls and settings.webhook_secret is None:
+        logger.warning("webhook_urls set without webhook_secret: webhooks will go unsigned")
+    try:
+        worker = _build(settings, metrics, worker_id, connection.client, registry, executor, client)
+        await worker.run(stop)
+    finally:
+        await client.aclose()
+        executor.shutdown(wait=False, cancel_futures=True)
+        if registry is not None:
+            await registry.aclose()
+        await connection.aclose()
+        logger.info("monitor worker %s stopped", worker_id)
+
+
+def _build(
+    settings: Settings, metrics: MonitorMetrics, worker_id: str, redis: Redis, registry: Registry | None,
+    executor: ThreadPoolExecutor, client: httpx.AsyncClient,
+) -> MonitorWorker:
+    policy = RetryPolicy(settings.webhook_attempts, settings.webhook_backoff_seconds,
+                         settings.webhook_backoff_max_seconds, settings.webhook_timeout_seconds)
+    secret = settings.webhook_secret.get_secret_value().encode() if settings.webhook_secret else None
+    sender = WebhookSender(client, redis, secret, policy, metrics)
+    delivery = AlertDelivery(redis, sender, settings.webhook_urls, settings.retrain_webhook_url, worker_id,
+                             claim_idle_ms=int((policy.longest + 30) * 1000))
+    ctx = ConsumerContext(
+        redis=redis,
+        worker_id=worker_id,
+        store=WindowStore(redis, worker_id, settings.monitor_results_maxlen, settings.retrain_cooldown_seconds),
+        references=ReferenceStore(redis, registry, settings.reference_rows, executor),
+        metrics=metrics,
+        lag=LagProbe(redis),
+        executor=executor,
+        spec=WindowSpec(settings.window_rows, settings.window_seconds, settings.min_window_rows),
+        rules=AlertRules(settings.drift_persistence, settings.drift_resolve_after, settings.retrain_after_windows,
+                         settings.latency_slo_ms),
+        drift=DriftSettings(settings.drift_alpha, settings.drift_correction),
+        read_count=settings.monitor_read_count,
+        sweep_seconds=settings.monitor_lease_seconds,
+    )
+    ownership = Ownership(redis, worker_id, settings.monitor_lease_seconds)
+    return MonitorWorker(ctx, ownership, delivery, settings.monitor_discovery_seconds)
+
+
+def _registry(settings: Settings) -> Registry | None:
+    try:
+        return open_registry(settings.registry, settings.data_dir / "models", os.environ)
+    except ValueError as exc:
+        logger.warning("no model registry (%s): every drift reference will be taken from live rows", exc)
+        return None

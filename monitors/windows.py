@@ -1,0 +1,162 @@
+"""Tumbling windows of log entries per endpoint x model x version x role, counted in rows.
+
+A window closes when it holds `window_rows` rows, or once `window_seconds` have passed since its first entry
+(in record time when a later entry arrives, in wall time when the stream is idle) and it holds at least
+`min_window_rows`. The entries of open windows are unacknowledged in Redis; a new owner of the stream re-reads them
+and rebuilds the same windows, because windows are cut from the entries alone, in stream order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from gateway.records import LOG_STREAM_PREFIX
+
+_RECENT_UIDS = 200_000  # uids of closed windows remembered, to drop duplicates the gateway wrote twice
+
+
+@dataclass(frozen=True, order=True)
+class WindowKey:
+    endpoint: str
+    model: str
+    version: str
+    role: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.endpoint}|{self.model}|{self.version}|{self.role}"
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    rows: int
+    seconds: float
+    min_rows: int
+
+
+@dataclass(slots=True)
+class LogEntry:
+    """The fields of one stream entry the monitor uses; tensors stay raw JSON until the window closes."""
+
+    entry_id: bytes
+    uid: str
+    request_id: str
+    ts_ms: int
+    key: WindowKey
+    rows: int
+    status: int
+    latency_ms: float
+    payload: str
+    redacted: frozenset[str]
+    inputs: bytes
+    outputs: bytes
+
+
+def parse_entry(stream: str, entry_id: bytes, fields: Mapping[bytes, bytes] | None) -> LogEntry | None:
+    """A stream entry as a `LogEntry`, or None when it is not a usable log record (trimmed, malformed)."""
+    if not fields:
+        return None
+    try:
+        get = fields.get
+        endpoint = get(b"endpoint", b"").decode() or stream.removeprefix(LOG_STREAM_PREFIX)
+        redacted = get(b"redacted", b"")
+        return LogEntry(
+            entry_id=entry_id,
+            uid=(get(b"uid") or entry_id).decode(),
+            request_id=get(b"id", b"").decode(),
+            ts_ms=int(get(b"ts", b"0")),
+            key=WindowKey(endpoint, get(b"model", b"").decode(), get(b"version", b"").decode(),
+                          get(b"role", b"primary").decode()),
+            rows=max(int(get(b"rows", b"1")), 0),
+            status=int(get(b"status", b"200") or 200),
+            latency_ms=float(get(b"latency_ms", b"0") or 0),
+            payload=get(b"payload", b"full").decode(),
+            redacted=frozenset(redacted.decode().split(",")) if redacted else frozenset(),
+            inputs=get(b"inputs", b"[]"),
+            outputs=get(b"outputs", b"[]"),
+        )
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+@dataclass
+class ClosedWindow:
+    key: WindowKey
+    start_ms: int
+    end_ms: int
+    rows: int
+    entries: list[LogEntry]
+    reason: str  # rows | time
+
+    @property
+    def entry_ids(self) -> list[bytes]:
+        return [entry.entry_id for entry in self.entries]
+
+
+@dataclass
+class _OpenWindow:
+    key: WindowKey
+    start_ms: int
+    end_ms: int
+    rows: int = 0
+    entries: list[LogEntry] = field(default_factory=list)
+
+    def close(self, reason: str) -> ClosedWindow:
+        return ClosedWindow(self.key, self.start_ms, self.end_ms, self.rows, self.entries, reason)
+
+
+class WindowSet:
+    """The open windows of one stream. Feed entries in stream order; closed windows come back in order.
+
+    Duplicates are dropped by `uid`: a re-delivery of an entry already held is ignored, and another stream entry
+    repeating a uid (written twice) comes back in `add`'s second list, to be acknowledged at once: its content
+    is already counted.
+    """
+
+    def __init__(self, spec: WindowSpec) -> None:
+        self.spec = spec
+        self._open: dict[WindowKey, _OpenWindow] = {}
+        self._held: dict[str, bytes] = {}  # uid -> entry id, for entries in open windows
+        self._recent: dict[str, None] = {}  # uids of closed windows, oldest first
+
+    @property
+    def open_entries(self) -> int:
+        return len(self._held)
+
+    def add(self, entry: LogEntry) -> tuple[list[ClosedWindow], list[bytes]]:
+        held = self._held.get(entry.uid)
+        if held is not None or entry.uid in self._recent:
+            return [], [] if held == entry.entry_id else [entry.entry_id]
+        closed: list[ClosedWindow] = []
+        window = self._open.get(entry.key)
+        if window is not None and self._time_is_up(window, entry.ts_ms):
+            closed.append(self._close(window, "time"))
+            window = None
+        if window is None:
+            window = self._open[entry.key] = _OpenWindow(entry.key, entry.ts_ms, entry.ts_ms)
+        window.entries.append(entry)
+        window.rows += entry.rows
+        window.start_ms = min(window.start_ms, entry.ts_ms)
+        window.end_ms = max(window.end_ms, entry.ts_ms)
+        self._held[entry.uid] = entry.entry_id
+        if window.rows >= self.spec.rows:
+            closed.append(self._close(window, "rows"))
+        return closed, []
+
+    def expire(self, now_ms: int) -> list[ClosedWindow]:
+        """Windows whose time is up by the wall clock (called while the stream is idle)."""
+        due = [window for window in self._open.values() if self._time_is_up(window, now_ms)]
+        return [self._close(window, "time") for window in sorted(due, key=lambda w: w.start_ms)]
+
+    def _time_is_up(self, window: _OpenWindow, now_ms: int) -> bool:
+        return now_ms - window.start_ms >= self.spec.seconds * 1000 and window.rows >= self.spec.min_rows
+
+    def _close(self, window: _OpenWindow, reason: str) -> ClosedWindow:
+        del self._open[window.key]
+        for entry in window.entries:
+            self._held.pop(entry.uid, None)
+            self._recent[entry.uid] = None
+        while len(self._recent) > _RECENT_UIDS:
+            del self._recent[next(iter(self._recent))]
+        return window.close(reason)
