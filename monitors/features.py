@@ -7,6 +7,7 @@ skipped; `sampled_out` entries carry no tensors at all. Everything here is CPU w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -46,8 +47,8 @@ def usable(tensor: Any, excluded: frozenset[str]) -> bool:
     if not isinstance(data, list) or not isinstance(shape, list) or not shape:
         return False
     try:
-        return len(data) == int(np.prod(shape)) and all(int(d) >= 0 for d in shape)
-    except (TypeError, ValueError):
+        return len(data) == math.prod(shape) and min(shape) >= 0
+    except TypeError:
         return False
 
 
