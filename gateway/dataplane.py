@@ -64,7 +64,6 @@ class _Target:
     loaded: LoadedVersion
     variant: str
     route: CompiledRoute | None = None
-    variant_index: int = 0
 
 
 @dataclass
@@ -165,6 +164,8 @@ class DataPlane:
             return answer
         except GatewayError as exc:
             status, error = exc.status_code, exc.message
+            if attempt.target is not None:
+                exc.variant = attempt.target.variant  # so the error response names the variant too
             raise
         finally:
             self._metrics.in_flight.dec()
@@ -172,6 +173,25 @@ class DataPlane:
             self._record(call.name, attempt.target, str(status), elapsed)
             if attempt.target is not None:
                 self._after(call, attempt, arrived_ms, status, elapsed * 1000, error)
+            else:
+                self.reject(call.name, call.request_id, arrived_ms, status, elapsed * 1000, error)
+
+    def refuse_early(self, name: str, request_id: str, arrived_ms: int, error: GatewayError) -> None:
+        """Count and log a request the HTTP layer refused before calling `infer` (body too large, bad headers)."""
+        self._record(name, None, str(error.status_code), 0.0)
+        self.reject(name, request_id, arrived_ms, error.status_code, 0.0, error.message)
+
+    def reject(self, name: str, request_id: str, arrived_ms: int, status: int, latency_ms: float, error: str) -> None:
+        """Log a request refused before it reached a model version (bad headers, body too large, no such
+        version) when `name` is served; requests for unknown names are only counted, so that arbitrary names
+        cannot create streams."""
+        if self._log is None or (self._router.get(name) is None and name not in self._manager.model_names()):
+            return
+        model = "" if self._router.get(name) is not None else name
+        self._log.log(
+            Exchange(request_id, arrived_ms, name, DEFAULT_VARIANT, ROLE_PRIMARY, model, None, 0, status, latency_ms,
+                     error)
+        )
 
     def _after(
         self, call: InferCall, attempt: _Attempt, arrived_ms: int, status: int, latency_ms: float, error: str
@@ -189,7 +209,7 @@ class DataPlane:
             return
         outputs = list(zip(target.loaded.runner.output_names, attempt.outputs, strict=True))
         if route.route.strategy == "bandit":
-            self._router.remember(call.name, call.request_id, target.variant_index, predictions_of(outputs))
+            self._router.remember(call.name, call.request_id, target.variant, predictions_of(outputs))
         if route.route.shadow:
             primary = PrimaryResult(
                 call.name, call.request_id, arrived_ms, attempt.decoded.rows, attempt.decoded.inputs, dict(outputs)
@@ -235,8 +255,8 @@ class DataPlane:
     def _route(self, call: InferCall) -> _Target:
         """An endpoint's route picks a variant; a model name (or a pinned version) bypasses any split."""
         if call.version is None and (route := self._router.get(call.name)) is not None:
-            index, variant = route.pick(call.request_id, call.headers)
-            return _Target(self._manager.resolve(variant.model, variant.version), variant.name, route, index)
+            _, variant = route.pick(call.request_id, call.headers)
+            return _Target(self._manager.resolve(variant.model, variant.version), variant.name, route)
         ref = None if call.version is None else parse_version_ref(call.version)
         return _Target(self._manager.resolve(call.name, ref), DEFAULT_VARIANT)
 

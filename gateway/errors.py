@@ -23,6 +23,7 @@ class GatewayError(Exception):
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        self.variant: str | None = None  # set when the request had been routed to a variant
 
 
 class InvalidInput(GatewayError):

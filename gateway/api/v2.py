@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -132,6 +133,8 @@ def build_v2_router(dataplane: DataPlane, max_body_bytes: int) -> APIRouter:
     async def infer(request: Request, name: str, version: str | None) -> Response:
         request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
         headers = {REQUEST_ID: request_id}
+        arrived_ms = int(time.time() * 1000)
+        call: InferCall | None = None
         try:
             call = InferCall(
                 name=name,
@@ -144,6 +147,10 @@ def build_v2_router(dataplane: DataPlane, max_body_bytes: int) -> APIRouter:
             )
             answer = await dataplane.infer(call)
         except GatewayError as exc:
+            if exc.variant is not None:
+                headers[VARIANT] = exc.variant
+            elif call is None:  # refused before the dataplane saw it: still logged and counted
+                dataplane.refuse_early(name, request_id, arrived_ms, exc)
             return error_response(exc, headers)
         headers[VARIANT] = answer.variant
         if answer.header_length is None:

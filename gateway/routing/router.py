@@ -102,15 +102,12 @@ class Router:
 
     # -- bandit rewards --------------------------------------------------------------------------------
 
-    def remember(self, endpoint: str, request_id: str, variant_index: int, predictions: list[Any]) -> None:
+    def remember(self, endpoint: str, request_id: str, variant: str, predictions: list[Any]) -> None:
         """Keep what a bandit variant answered, so a label arriving later can be scored against it.
 
         The variant is kept by name: a PUT may reorder the variants before the reward arrives.
         """
-        compiled = self._routes.get(endpoint)
-        if compiled is None or variant_index >= len(compiled.route.variants):
-            return
-        self._answers[request_id] = (endpoint, compiled.route.variants[variant_index].name, predictions)
+        self._answers[request_id] = (endpoint, variant, predictions)
         if len(self._answers) > _REMEMBERED_ANSWERS:
             self._answers.popitem(last=False)
 

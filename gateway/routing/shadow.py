@@ -57,6 +57,9 @@ class ShadowMirror:
         self._max_in_flight = max_in_flight
         self._random = (rng or random.Random()).random
         self._tasks: set[asyncio.Task[None]] = set()
+        # One shadow inference at a time: shadows never hold more than one inference thread, so a slow shadow
+        # model cannot starve the primaries of the thread pool they share.
+        self._lane = asyncio.Semaphore(1)
         self.log: ExchangeSink | None = None
 
     def mirror(self, shadows: list[ShadowVariant], primary: PrimaryResult) -> None:
@@ -85,7 +88,8 @@ class ShadowMirror:
         try:
             loaded = self._manager.resolve(shadow.model, shadow.version)
             version, input_types = loaded.version, loaded.runner.input_types
-            results = await loaded.batcher.infer(dict(primary.inputs), primary.rows, None)
+            async with self._lane:
+                results = await loaded.batcher.infer(dict(primary.inputs), primary.rows, None)
             outputs = list(zip(loaded.runner.output_names, results, strict=True))
             if disagrees(primary.outputs, dict(outputs), shadow.tolerance):
                 self._metrics.disagreements.labels(primary.endpoint, shadow.name).inc()

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.errors import GatewayError
 from gateway.protocol.codecs import TensorSpec
@@ -28,17 +28,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _version_ref(value: object) -> object:
+    """`"2"` means version 2, as in `/versions/2`; other strings are aliases or `latest`."""
+    return int(value) if isinstance(value, str) and value.isascii() and value.isdigit() else value
+
+
 class Variant(_Strict):
     name: str = Field(min_length=1, max_length=64)
     model: str = Field(min_length=1)
-    version: int | str = "champion"
+    version: Annotated[int | str, BeforeValidator(_version_ref)] = "champion"
     weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
 
 
 class ShadowVariant(_Strict):
     name: str = Field(min_length=1, max_length=64)
     model: str = Field(min_length=1)
-    version: int | str = "latest"
+    version: Annotated[int | str, BeforeValidator(_version_ref)] = "latest"
     sample: float = Field(default=1.0, ge=0, le=1)
     tolerance: float = Field(default=1e-6, ge=0)
     """Max abs difference still counted as agreement, for regression outputs."""

@@ -210,9 +210,9 @@ def bandit_route(*names: str) -> Route:
 def test_router_rewards_by_label_against_the_remembered_prediction() -> None:
     router = Router(PayloadPolicy())
     router.apply("fraud", bandit_route("a", "b"))
-    router.remember("fraud", "r1", 0, [1])
-    router.remember("fraud", "r2", 0, [0])
-    router.remember("fraud", "r3", 1, [1, 0, 1, 1])
+    router.remember("fraud", "r1", "a", [1])
+    router.remember("fraud", "r2", "a", [0])
+    router.remember("fraud", "r3", "b", [1, 0, 1, 1])
     assert router.reward("fraud", "r1", 1, None)  # correct: 1
     assert router.reward("fraud", "r2", 1, None)  # wrong: 0
     assert router.reward("fraud", "r3", [1, 1, 1, 0], None)  # half of the rows right
@@ -232,7 +232,7 @@ def test_router_reward_follows_the_variant_name_when_a_route_is_reordered() -> N
     """A reward that arrives after a PUT reordered the variants is credited to the variant that answered."""
     router = Router(PayloadPolicy())
     router.apply("fraud", bandit_route("a", "b"))
-    router.remember("fraud", "r1", 0, [1])  # answered by "a"
+    router.remember("fraud", "r1", "a", [1])  # answered by "a"
     router.apply("fraud", bandit_route("b", "a"))
     assert router.reward("fraud", "r1", None, 1.0)
     stats = router.stats("fraud")
@@ -240,7 +240,7 @@ def test_router_reward_follows_the_variant_name_when_a_route_is_reordered() -> N
     assert stats["variants"]["a"]["reward_mean"] == 1.0
     assert stats["variants"]["b"]["reward_mean"] is None
     router.apply("fraud", bandit_route("c", "d"))  # the variant is gone: nothing to credit
-    router.remember("fraud", "r2", 0, [1])
+    router.remember("fraud", "r2", "c", [1])
     router.apply("fraud", bandit_route("e", "f"))
     assert not router.reward("fraud", "r2", None, 1.0)
 
@@ -270,7 +270,7 @@ def test_router_keeps_state_for_an_unchanged_route_and_resets_on_change() -> Non
 def test_router_non_bandit_route_takes_no_reward() -> None:
     router = Router(PayloadPolicy())
     router.apply("fraud", route())
-    router.remember("fraud", "r1", 0, [1])
+    router.remember("fraud", "r1", "a", [1])
     assert not router.reward("fraud", "r1", 1, None)
 
 
