@@ -119,11 +119,11 @@ class MonitorWorker:
             await self._ownership.release(stream)
 
     async def _shutdown(self) -> None:
-        for stream in list(self._consumers):
-            try:
-                await self._drop(stream, release=True)
-            except _REDIS_ERRORS as exc:
-                logger.warning("%s: could not release the lease (%s); it expires by itself", stream, exc)
+        outcomes = await asyncio.gather(
+            *(self._drop(stream, release=True) for stream in list(self._consumers)), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                logger.warning("could not release a lease (%r); it expires by itself", outcome)
         with contextlib.suppress(*_REDIS_ERRORS):
             await self._ownership.leave()
 
