@@ -174,6 +174,7 @@ class StreamConsumer:
         events = [build_event(event_type, facts) for event_type in fired]
         performance = None
         if key.role == ROLE_PRIMARY:
+            await self._read_feedback()  # whatever ground truth arrived before this commit joins it
             labels = [str(label) for label in (reference.meta.get("labels") or [])] if reference else []
             self._joiner.add_predictions(key, analysis.task, labels, analysis.predictions)
             performance = self._joiner.take(key)
