@@ -288,7 +288,7 @@ async def test_stacked_requests_each_get_their_own_rows(
 
 
 @dataclass
-class RecordingObserver:
+class RecordingObserver(BatchObserver):
     """A BatchObserver that remembers what it was told."""
 
     runs: list[int] = field(default_factory=list)
@@ -325,10 +325,11 @@ class Lab:
         self.files = files
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="test-onnxruntime")
         self.batchers: list[AdaptiveBatcher] = []
+        self.runners: dict[str, OnnxRunner] = {}
         self._gates: list[threading.Event] = []
 
     def batcher(self, model: str, **limits: Any) -> tuple[AdaptiveBatcher, RecordingObserver]:
-        runner = OnnxRunner.load(self.files[model], SessionOptions(), self.executor)
+        runner = self.runners[model] = OnnxRunner.load(self.files[model], SessionOptions(), self.executor)
         observer = RecordingObserver()
         limits.setdefault("max_concurrency", 1)
         batcher = AdaptiveBatcher(runner, BatchLimits(**limits), observer, f"test {model}")
@@ -365,16 +366,6 @@ def ones(rows: int, width: int = 3, start: float = 0.0) -> np.ndarray:
 async def dispatched(batcher: AdaptiveBatcher, observer: RecordingObserver) -> None:
     """Wait until the batcher has taken everything queued so far into a run."""
     await poll(lambda: bool(observer.depths) and observer.depths[-1] == 0 and batcher.depth == 0, what="dispatch")
-
-
-def batcher_runner_batched(batcher: AdaptiveBatcher) -> bool:
-    return bool(batcher._runner.batched)
-
-
-def test_recording_observer_is_a_batch_observer() -> None:
-    observer: BatchObserver = RecordingObserver()
-    observer.batch_ran(3, 0.0)
-    assert isinstance(observer, RecordingObserver) and observer.runs == [3]
 
 
 async def test_lone_request_is_dispatched_at_once_as_a_batch_of_one(lab: Lab) -> None:
@@ -460,7 +451,7 @@ async def test_expired_deadline_raises_deadline_exceeded(lab: Lab) -> None:
 
 async def test_unbatched_model_never_stacks(lab: Lab) -> None:
     batcher, observer = lab.batcher("fixed", max_batch_size=MAX_BATCH)
-    assert not batcher_runner_batched(batcher)
+    assert not lab.runners["fixed"].batched  # first dimension fixed at 1
     lab.hold()
     first = asyncio.create_task(batcher.infer({"x": ones(1)}, 1, None))
     await dispatched(batcher, observer)

@@ -73,9 +73,12 @@ def values(datatype: str) -> st.SearchStrategy[Any]:
         return st.booleans()
     if datatype == "BYTES":
         return st.text(max_size=12)
-    if datatype in FLOAT_TYPES:
-        width = {"FP16": 16, "FP32": 32, "FP64": 64}[datatype]
-        return st.floats(allow_nan=False, allow_infinity=False, width=width)
+    if datatype == "FP16":
+        return st.floats(allow_nan=False, allow_infinity=False, width=16)
+    if datatype == "FP32":
+        return st.floats(allow_nan=False, allow_infinity=False, width=32)
+    if datatype == "FP64":
+        return st.floats(allow_nan=False, allow_infinity=False)
     info = np.iinfo(DATATYPE_TO_NUMPY[datatype])
     return st.integers(int(info.min), int(info.max))
 
@@ -503,7 +506,7 @@ def test_timeout_parameter(value: object, ok: bool) -> None:
 def test_encode_response_binary_header_length(
     probabilities: list[float], words: list[str], binary: tuple[bool, bool, bool], request_id: str | None
 ) -> None:
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "p": np.array(probabilities, np.float32),
         "label": np.arange(len(probabilities), dtype=np.int64)[::-1],  # not contiguous: must still be row-major
         "s": np.array(words, dtype=object),

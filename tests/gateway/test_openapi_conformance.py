@@ -13,6 +13,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ SERVED_MODELS = frozenset(
 )
 REFUSED_MODELS = frozenset({"broken", "tampered"})  # present in the registry, never loaded: 404 too
 INPUT_WIDTH = {"tabular": ("input", 32), "id_fp32": ("x", 3)}
-OUTPUTS = {"tabular": {"probabilities": 2, "label": None}, "id_fp32": {"y": 3}}
+OUTPUTS: dict[str, dict[str, int | None]] = {"tabular": {"probabilities": 2, "label": None}, "id_fp32": {"y": 3}}
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ VERSION_TARGETS = (
 
 @dataclass(frozen=True)
 class Drawn:
-    case: Case
+    case: Case[Any]
     target: Target | None
     valid_body: bool
 
@@ -124,7 +125,11 @@ def valid_bodies(draw: st.DrawFn, model: str) -> dict[str, Any]:
     return body
 
 
-def with_body(drawn: tuple[Case, dict[str, Any]], target: Target) -> Drawn:
+def pinned_case(target: Target, case: Case[Any]) -> Drawn:
+    return Drawn(case, target, valid_body=False)
+
+
+def with_body(drawn: tuple[Case[Any], dict[str, Any]], target: Target) -> Drawn:
     case, body = drawn
     case.body = body
     case.media_type = "application/json"
@@ -135,16 +140,19 @@ def strategies(operation: Any, mode: GenerationMode) -> st.SearchStrategy[Drawn]
     """Generated cases and, for model operations, cases pinned to served models: fuzzed bodies and valid ones."""
     path_kind = kind(operation.path)
     names = placeholders(operation.path)
-    generated = operation.as_strategy(generation_mode=mode).map(lambda case: Drawn(case, None, False))
+    generated: st.SearchStrategy[Drawn] = operation.as_strategy(generation_mode=mode).map(
+        lambda case: Drawn(case, None, False)
+    )
     if path_kind not in ("model", "infer"):
         return generated
-    fuzzed, valid = [], []
+    fuzzed: list[st.SearchStrategy[Drawn]] = []
+    valid: list[st.SearchStrategy[Drawn]] = []
     for target in VERSION_TARGETS if len(names) == 2 else MODEL_TARGETS:
         params = dict(zip(names, [target.model, target.version], strict=False))
-        pinned = operation.as_strategy(generation_mode=mode, path_parameters=params)
-        fuzzed.append(pinned.map(lambda case, t=target: Drawn(case, t, False)))
+        pinned: st.SearchStrategy[Case[Any]] = operation.as_strategy(generation_mode=mode, path_parameters=params)
+        fuzzed.append(pinned.map(partial(pinned_case, target)))
         if path_kind == "infer" and mode is GenerationMode.POSITIVE and target.model in INPUT_WIDTH:
-            valid.append(st.tuples(pinned, valid_bodies(target.model)).map(lambda drawn, t=target: with_body(drawn, t)))
+            valid.append(st.tuples(pinned, valid_bodies(target.model)).map(partial(with_body, target=target)))
     # One branch per situation, so each gets a fair share whatever the number of targets.
     return st.one_of([generated, st.one_of(fuzzed)] + ([st.one_of(valid)] if valid else []))
 
@@ -188,6 +196,7 @@ def check_outcome(drawn: Drawn, response: Response, path_kind: str, tally: Tally
                 assert status == 404, response.text
         elif drawn.valid_body:
             assert status == 200, response.text
+            assert isinstance(case.body, dict)
             check_inference(case.body, response, target)
         else:
             assert status in (200, 400), response.text  # a generated body is as good as never a valid tensor
@@ -218,7 +227,7 @@ def exercise(
     operation: Any,
     mode: GenerationMode,
     examples: int,
-    call: Callable[[Case], Response],
+    call: Callable[[Case[Any]], Response],
     checks: list[CheckFunction],
     tally: Tally,
 ) -> None:
@@ -256,7 +265,7 @@ def fuzz(
     tally = Tally()
     with requests.Session() as session:
 
-        def call(case: Case) -> Response:
+        def call(case: Case[Any]) -> Response:
             return case.call(base_url=base_url, session=session, timeout=30)
 
         for result in schema.get_all_operations():
@@ -333,7 +342,9 @@ def http(gateway_server: GatewayProcess) -> Iterator[httpx.Client]:
 )
 def test_malformed_header_length_is_a_bad_request(http: httpx.Client, value: bytes) -> None:
     """`Inference-Header-Content-Length: ²` (latin-1, so a legal header) once crashed int() with a 500."""
-    response = http.post("/v2/models/id_fp32/infer", content=b"{}", headers={"Inference-Header-Content-Length": value})
+    response = http.post(
+        "/v2/models/id_fp32/infer", content=b"{}", headers=[(b"Inference-Header-Content-Length", value)]
+    )
     assert response.status_code == 400
     assert "Inference-Header-Content-Length" in response.json()["error"]
 
