@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             records = _Records(model.SerializeToString())
             rate, write_rate = _throughput(client, records, args.records, start_monitor)
             total, own = _drift_to_webhook(client, records, receiver, args.rate)
+            _stop(processes)  # before Redis goes away
             hiredis = _has_hiredis()
             print(json.dumps({
                 "records": args.records, "monitor_records_per_s": round(rate),
@@ -214,11 +215,16 @@ def main(argv: list[str] | None = None) -> None:
                 "loadavg_1m": os.getloadavg()[0],
             }, indent=2))
     finally:
-        for process in processes:
-            process.terminate()
-            process.wait(timeout=30)
+        _stop(processes)
         receiver.server.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=30)
 
 
 @contextmanager

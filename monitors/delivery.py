@@ -10,6 +10,7 @@ can take, and delivers it again under the same event id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -17,7 +18,9 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.records import ALERTS_STREAM
 from monitors.alerts import RETRAIN_REQUESTED
@@ -27,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 DELIVERY_GROUP = "gatewatch-webhooks"
 _CLAIM_EVERY_SECONDS = 10.0
+_RETRY_SECONDS = 1.0
 
 
 class AlertDelivery:
@@ -74,7 +78,14 @@ class AlertDelivery:
                     await asyncio.wait(list(self._in_flight.values()), timeout=self._block_ms / 1000,
                                        return_when=asyncio.FIRST_COMPLETED)
                     continue
-                for entry_id, fields in await self._next_events(room):
+                try:
+                    events = await self._next_events(room)
+                except (RedisConnectionError, RedisTimeoutError) as exc:
+                    logger.warning("alerts stream unreachable (%s); retrying", exc)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), _RETRY_SECONDS)
+                    continue
+                for entry_id, fields in events:
                     if entry_id not in self._in_flight:
                         task = asyncio.create_task(self._deliver(entry_id, fields))
                         self._in_flight[entry_id] = task

@@ -67,6 +67,9 @@ class Ownership:
         return sorted(found)
 
     async def acquire(self, stream: str) -> bool:
+        """Take an unowned stream's lease (or keep one still ours, e.g. after a consumer was restarted)."""
+        if await self.renew(stream):
+            return True
         return bool(await self._redis.set(lease_key(stream), self.worker_id, nx=True, px=self.lease_ms))
 
     async def renew(self, stream: str) -> bool:
