@@ -113,6 +113,7 @@ class AdaptiveBatcher:
     async def aclose(self) -> None:
         """Stop taking requests, answer the ones already queued, then stop."""
         self._closed = True
+        self._wakeup.set()  # a batch held open for company can get none now: it goes at once
         while self._queue or self._collecting or self._running:
             # The dispatcher empties the queue on its own; wait for the runs it starts.
             if self._running:
@@ -146,7 +147,7 @@ class AdaptiveBatcher:
             batch = self._drain(batch)
         fill_until = batch[0].arrived + self._limits.max_queue_delay_ms / 1000
         # A single waiting request shows no concurrency: dispatch it now rather than wait for company.
-        while len(batch) > 1 and self._rows(batch) < self._max_rows:
+        while len(batch) > 1 and self._rows(batch) < self._max_rows and not self._closed:
             remaining = fill_until - time.monotonic()
             if remaining <= 0:
                 break

@@ -508,10 +508,12 @@ async def test_aclose_answers_what_was_queued(lab: Lab) -> None:
 
 
 async def test_aclose_answers_a_batch_held_open_for_company(lab: Lab) -> None:
-    batcher, observer = lab.batcher("identity", max_queue_delay_ms=300, max_batch_size=MAX_BATCH)
+    # Two requests show concurrency, so the batcher holds their batch open (up to a minute) for more company.
+    batcher, observer = lab.batcher("identity", max_queue_delay_ms=60_000, max_batch_size=MAX_BATCH)
     tasks = [asyncio.create_task(batcher.infer({"x": ones(1, start=i)}, 1, None)) for i in range(2)]
     await poll(lambda: bool(observer.depths) and batcher.depth == 0, what="the pair taken into a batch")
-    async with asyncio.timeout(10):
+    assert not any(task.done() for task in tasks)
+    async with asyncio.timeout(10):  # no company can come once closed: the batch must go at once
         await batcher.aclose()
     for i, task in enumerate(tasks):
         assert task.done()
