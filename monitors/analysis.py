@@ -12,9 +12,11 @@ import numpy as np
 from gateway.records import PAYLOAD_SAMPLED_OUT, ROLE_PRIMARY
 from monitors.drift.detector import Correction, DriftReport, ReferenceProfile, evaluate
 from monitors.features import Tensors, columns_of, parse_tensor_lists, stack
-from monitors.feedback import predicted_values, task_of
+from monitors.feedback import predictions_of, task_of
 from monitors.latency import TrafficStats, traffic_stats
 from monitors.windows import ClosedWindow
+
+_SAMPLED_OUT = PAYLOAD_SAMPLED_OUT.encode()
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class WindowAnalysis:
     outputs: Tensors = field(default_factory=dict)
     output_types: dict[str, str] = field(default_factory=dict)
     task: str = ""
-    predictions: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    predictions: list[tuple[bytes, np.ndarray]] = field(default_factory=list)
 
 
 def analyse(
@@ -44,24 +46,20 @@ def analyse(
 ) -> WindowAnalysis:
     traffic = traffic_stats(window.entries, window.start_ms, window.end_ms)
     # Errors carry no outputs and maybe unusable inputs; sampled-out entries carry no tensors at all.
-    logged = [e for e in window.entries if e.payload != PAYLOAD_SAMPLED_OUT and e.status < 400]
+    logged = [e for e in window.entries if e.payload != _SAMPLED_OUT and e.status < 400]
     if not logged or (profile is None and not keep_tensors and window.key.role != ROLE_PRIMARY):
         return WindowAnalysis(traffic, None, 0)
-    input_docs = parse_tensor_lists([e.inputs for e in logged])
-    output_docs = parse_tensor_lists([e.outputs for e in logged])
-    inputs, _ = stack(input_docs, [e.redacted for e in logged])
-    outputs, output_types = stack(output_docs, [frozenset()] * len(output_docs))
-    columns, _ = columns_of(inputs, outputs, output_types, meta)
+    inputs = stack(parse_tensor_lists([e.inputs for e in logged]), [e.redacted for e in logged])
+    outputs = stack(parse_tensor_lists([e.outputs for e in logged]), [frozenset()] * len(logged))
+    columns, _ = columns_of(inputs.tensors, outputs.tensors, outputs.datatypes, meta)
     report = evaluate(profile, columns, drift.alpha, drift.correction) if profile is not None else None
-    analysis = WindowAnalysis(traffic, report, max((a.shape[0] for a in inputs.values()), default=0))
+    analysis = WindowAnalysis(traffic, report, max((a.shape[0] for a in inputs.tensors.values()), default=0))
     if keep_tensors:
-        analysis.inputs, analysis.outputs, analysis.output_types = inputs, outputs, output_types
+        analysis.inputs, analysis.outputs = inputs.tensors, outputs.tensors
+        analysis.output_types = outputs.datatypes
     if window.key.role == ROLE_PRIMARY:
-        analysis.task = task_of(meta, next((doc for doc in output_docs if doc), []))
-        for entry, doc in zip(logged, output_docs, strict=True):
-            values = predicted_values(doc, analysis.task) if entry.request_id else None
-            if values is not None:
-                analysis.predictions.append((entry.request_id, values))
+        analysis.task = task_of(meta, outputs.datatypes)
+        analysis.predictions = predictions_of(outputs, analysis.task, [e.request_id for e in logged])
     return analysis
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -52,29 +53,40 @@ def usable(tensor: Any, excluded: frozenset[str]) -> bool:
         return False
 
 
-def stack(docs: Iterable[TensorDoc], excluded: Iterable[frozenset[str]]) -> tuple[Tensors, dict[str, str]]:
-    """Each tensor name's rows from all entries, stacked on the batch axis, and the tensor's V2 datatype.
+@dataclass
+class Stacked:
+    """Each tensor name's rows from all entries, stacked on the batch axis, with where each part came from."""
 
-    Tensors whose trailing shape differs from the first one seen under their name are left out.
-    """
+    tensors: Tensors = field(default_factory=dict)
+    datatypes: dict[str, str] = field(default_factory=dict)
+    owners: dict[str, list[int]] = field(default_factory=dict)  # per tensor: entry index of each part
+    counts: dict[str, list[int]] = field(default_factory=dict)  # per tensor: rows of each part
+
+
+def stack(docs: Iterable[TensorDoc], excluded: Iterable[frozenset[str]]) -> Stacked:
+    """Stack every usable tensor of every entry; a tensor whose trailing shape differs from the first one seen
+    under its name is left out."""
     flat: dict[str, list[Any]] = {}
     trailing: dict[str, tuple[int, ...]] = {}
-    datatypes: dict[str, str] = {}
-    for doc, skip in zip(docs, excluded, strict=True):
+    stacked = Stacked()
+    for index, (doc, skip) in enumerate(zip(docs, excluded, strict=True)):
         for tensor in doc:
             if not usable(tensor, skip):
                 continue
-            name, shape = str(tensor["name"]), tuple(int(d) for d in tensor["shape"])
+            name, shape = str(tensor["name"]), tuple(tensor["shape"])
             if trailing.setdefault(name, shape[1:]) != shape[1:]:
                 continue
-            datatypes.setdefault(name, str(tensor.get("datatype", "")))
-            flat.setdefault(name, []).extend(tensor["data"])
-    stacked: Tensors = {}
+            if name not in flat:
+                flat[name], stacked.owners[name], stacked.counts[name] = [], [], []
+                stacked.datatypes[name] = str(tensor.get("datatype", ""))
+            flat[name].extend(tensor["data"])
+            stacked.owners[name].append(index)
+            stacked.counts[name].append(int(shape[0]))
     for name, values in flat.items():
-        array = _array(values, datatypes[name])
+        array = _array(values, stacked.datatypes[name])
         if array is not None:
-            stacked[name] = array.reshape(-1, *trailing[name])
-    return stacked, datatypes
+            stacked.tensors[name] = array.reshape(-1, *trailing[name])
+    return stacked
 
 
 def _array(values: list[Any], datatype: str) -> np.ndarray | None:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from monitors.features import TensorDoc, usable
+from monitors.features import Stacked
 from monitors.windows import WindowKey
 
 _INTEGER_TYPES = ("INT", "UINT", "BOOL", "BYTES")
@@ -37,44 +37,45 @@ class _Prediction:
     labels: tuple[str, ...]  # meta.json `labels`: class index -> name
 
 
-def task_of(meta: Mapping[str, Any], outputs: TensorDoc) -> str:
+def task_of(meta: Mapping[str, Any], output_types: Mapping[str, str]) -> str:
     """meta.json `task` when given; else classification when the model returns an integer (label) output."""
     task = meta.get("task")
     if task in ("classification", "regression"):
         return str(task)
-    types = [str(t.get("datatype", "")) for t in outputs if isinstance(t, dict)]
-    return "classification" if any(t.startswith(_INTEGER_TYPES) for t in types) else "regression"
+    return "classification" if any(t.startswith(_INTEGER_TYPES) for t in output_types.values()) else "regression"
 
 
-def predicted_values(outputs: TensorDoc, task: str) -> np.ndarray | None:
-    """One prediction per row: the integer label output (or the argmax of scores), or the regression value."""
-    candidates = [t for t in outputs if usable(t, frozenset())]
-    for tensor in candidates:
-        shape, datatype = tensor["shape"], str(tensor.get("datatype", ""))
-        if task == "classification" and datatype.startswith(_INTEGER_TYPES) and len(shape) == 1:
-            return np.asarray(tensor["data"])
-    for tensor in candidates:
-        shape, data = tensor["shape"], tensor["data"]
-        if str(tensor.get("datatype", "")).startswith("FP"):
-            if len(shape) == 1 or (len(shape) == 2 and shape[1] == 1):
-                return np.asarray(data, dtype=np.float64).reshape(-1) if task == "regression" else None
-            if len(shape) == 2 and task == "classification":
-                scores: np.ndarray = np.asarray(data, dtype=np.float64).reshape(shape)
-                best: np.ndarray = scores.argmax(axis=1)
-                return best
-    return None
+def predictions_of(outputs: Stacked, task: str, request_ids: Sequence[bytes]) -> list[tuple[bytes, np.ndarray]]:
+    """Per logged request, its predictions (one per row): the integer label output, else the argmax of a score
+    matrix (classification); the single-valued float output (regression)."""
+    chosen: tuple[str, np.ndarray] | None = None
+    for name, array in outputs.tensors.items():
+        integer = outputs.datatypes.get(name, "").startswith(_INTEGER_TYPES)
+        if task == "classification" and integer and array.ndim == 1:
+            chosen = (name, array)
+            break
+        if chosen is None and array.dtype.kind == "f":
+            if task == "regression" and (array.ndim == 1 or (array.ndim == 2 and array.shape[1] == 1)):
+                chosen = (name, array.reshape(-1))
+            elif task == "classification" and array.ndim == 2 and array.shape[1] > 1:
+                chosen = (name, array.argmax(axis=1))
+    if chosen is None:
+        return []
+    name, values = chosen
+    parts = np.split(values, np.cumsum(outputs.counts[name])[:-1]) if len(outputs.counts[name]) > 1 else [values]
+    return [(request_ids[i], part) for i, part in zip(outputs.owners[name], parts, strict=True) if request_ids[i]]
 
 
 class FeedbackJoiner:
     def __init__(self, max_predictions: int = 200_000, max_waiting: int = 100_000) -> None:
-        self._predictions: dict[str, _Prediction] = {}
-        self._waiting: dict[str, Any] = {}  # request id -> label, feedback ahead of its prediction
+        self._predictions: dict[bytes, _Prediction] = {}
+        self._waiting: dict[bytes, Any] = {}  # request id -> label, feedback ahead of its prediction
         self._matched: dict[WindowKey, list[tuple[_Prediction, Any]]] = {}
         self._max_predictions = max_predictions
         self._max_waiting = max_waiting
 
     def add_predictions(
-        self, key: WindowKey, task: str, labels: Sequence[str], predictions: Sequence[tuple[str, np.ndarray]]
+        self, key: WindowKey, task: str, labels: Sequence[str], predictions: Sequence[tuple[bytes, np.ndarray]]
     ) -> None:
         for request_id, values in predictions:
             prediction = _Prediction(key, task, values, tuple(labels))
@@ -86,7 +87,7 @@ class FeedbackJoiner:
         _trim(self._predictions, self._max_predictions)
 
     def add_feedback(self, fields: Mapping[bytes, bytes]) -> None:
-        raw_label, request_id = fields.get(b"label"), fields.get(b"id", b"").decode(errors="replace")
+        raw_label, request_id = fields.get(b"label"), fields.get(b"id", b"")
         if raw_label is None or not request_id:
             return
         try:
@@ -134,6 +135,6 @@ def _scores(prediction: _Prediction, label: Any) -> list[float]:
     return scores
 
 
-def _trim(mapping: dict[str, Any], limit: int) -> None:
+def _trim(mapping: dict[bytes, Any], limit: int) -> None:
     while len(mapping) > limit:
         del mapping[next(iter(mapping))]

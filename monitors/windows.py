@@ -37,47 +37,60 @@ class WindowSpec:
 
 @dataclass(slots=True)
 class LogEntry:
-    """The fields of one stream entry the monitor uses; tensors stay raw JSON until the window closes."""
+    """The fields of one stream entry the monitor uses. Parsed on the event loop for every entry, so it stays
+    minimal: ids and tensors remain bytes (tensors are decoded off the loop, when the window closes)."""
 
     entry_id: bytes
-    uid: str
-    request_id: str
+    uid: bytes
+    request_id: bytes
     ts_ms: int
     key: WindowKey
     rows: int
     status: int
     latency_ms: float
-    payload: str
+    payload: bytes
     redacted: frozenset[str]
     inputs: bytes
     outputs: bytes
+
+
+_KEYS: dict[tuple[bytes, bytes, bytes, bytes], WindowKey] = {}  # one WindowKey object per distinct key
 
 
 def parse_entry(stream: str, entry_id: bytes, fields: Mapping[bytes, bytes] | None) -> LogEntry | None:
     """A stream entry as a `LogEntry`, or None when it is not a usable log record (trimmed, malformed)."""
     if not fields:
         return None
+    get = fields.get
     try:
-        get = fields.get
-        endpoint = get(b"endpoint", b"").decode() or stream.removeprefix(LOG_STREAM_PREFIX)
-        redacted = get(b"redacted", b"")
+        raw_key = (get(b"endpoint", b""), get(b"model", b""), get(b"version", b""), get(b"role", b"primary"))
+        key = _KEYS.get(raw_key) or _window_key(stream, raw_key)
+        redacted = get(b"redacted")
         return LogEntry(
-            entry_id=entry_id,
-            uid=(get(b"uid") or entry_id).decode(),
-            request_id=get(b"id", b"").decode(),
-            ts_ms=int(get(b"ts", b"0")),
-            key=WindowKey(endpoint, get(b"model", b"").decode(), get(b"version", b"").decode(),
-                          get(b"role", b"primary").decode()),
-            rows=max(int(get(b"rows", b"1")), 0),
-            status=int(get(b"status", b"200") or 200),
-            latency_ms=float(get(b"latency_ms", b"0") or 0),
-            payload=get(b"payload", b"full").decode(),
-            redacted=frozenset(redacted.decode().split(",")) if redacted else frozenset(),
-            inputs=get(b"inputs", b"[]"),
-            outputs=get(b"outputs", b"[]"),
+            entry_id,
+            get(b"uid") or entry_id,
+            get(b"id", b""),
+            int(get(b"ts", b"0")),
+            key,
+            max(int(get(b"rows", b"1")), 0),
+            int(get(b"status") or 200),
+            float(get(b"latency_ms") or 0),
+            get(b"payload", b"full"),
+            frozenset(redacted.decode().split(",")) if redacted else frozenset(),
+            get(b"inputs", b"[]"),
+            get(b"outputs", b"[]"),
         )
     except (ValueError, UnicodeDecodeError):
         return None
+
+
+def _window_key(stream: str, raw: tuple[bytes, bytes, bytes, bytes]) -> WindowKey:
+    endpoint, model, version, role = (part.decode() for part in raw)
+    key = WindowKey(endpoint or stream.removeprefix(LOG_STREAM_PREFIX), model, version, role)
+    if len(_KEYS) > 10_000:
+        _KEYS.clear()
+    _KEYS[raw] = key
+    return key
 
 
 @dataclass
@@ -117,8 +130,8 @@ class WindowSet:
     def __init__(self, spec: WindowSpec) -> None:
         self.spec = spec
         self._open: dict[WindowKey, _OpenWindow] = {}
-        self._held: dict[str, bytes] = {}  # uid -> entry id, for entries in open windows
-        self._recent: dict[str, None] = {}  # uids of closed windows, oldest first
+        self._held: dict[bytes, bytes] = {}  # uid -> entry id, for entries in open windows
+        self._recent: dict[bytes, None] = {}  # uids of closed windows, oldest first
 
     @property
     def open_entries(self) -> int:

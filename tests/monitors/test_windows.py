@@ -86,10 +86,10 @@ def test_redacted_truncated_and_sampled_out_tensors_are_skipped() -> None:
     redacted = json.dumps([{"name": "X", "shape": [2, 3], "datatype": "FP32", "data": None}]).encode()
     truncated = json.dumps([{"name": "X", "shape": [2, 3], "datatype": "FP32", "data": [1.0, 2.0]}]).encode()
     docs = parse_tensor_lists([full, redacted, truncated, b"[]", b"{broken"])
-    stacked, types = stack(docs, [frozenset()] * 5)
-    assert stacked["X"].shape == (2, 3) and types["X"] == "FP32"
-    stacked, _ = stack(parse_tensor_lists([full]), [frozenset({"X"})])
-    assert stacked == {}
+    stacked = stack(docs, [frozenset()] * 5)
+    assert stacked.tensors["X"].shape == (2, 3) and stacked.datatypes["X"] == "FP32"
+    assert stacked.owners["X"] == [0] and stacked.counts["X"] == [2]
+    assert stack(parse_tensor_lists([full]), [frozenset({"X"})]).tensors == {}
 
 
 def test_analysis_counts_rows_but_tests_only_logged_tensors() -> None:
