@@ -89,8 +89,7 @@ class ReferenceStore:
         reference.rows += max(array.shape[0] for array in inputs.values())
         if reference.rows < self._rows:
             return
-        blob = await self._run(_npz_blob, _first_rows(reference.inputs, self._rows),
-                               _first_rows(reference.outputs, self._rows))
+        blob = await self._run(_npz_blob, dict(reference.inputs), dict(reference.outputs), self._rows)
         stored = await self._redis.set(self._key(reference), blob, nx=True)
         if not stored:
             await self._adopt_stored(reference)
@@ -147,10 +146,10 @@ def _first_rows(parts: Mapping[str, list[np.ndarray]], rows: int) -> Tensors:
     return {name: np.concatenate(arrays)[:rows] for name, arrays in parts.items()}
 
 
-def _npz_blob(inputs: Tensors, outputs: Tensors) -> bytes:
+def _npz_blob(inputs: Mapping[str, list[np.ndarray]], outputs: Mapping[str, list[np.ndarray]], rows: int) -> bytes:
     buffer = io.BytesIO()
-    arrays = {f"in:{name}": array for name, array in inputs.items()}
-    arrays.update({f"out:{name}": array for name, array in outputs.items()})
+    arrays = {f"in:{name}": array for name, array in _first_rows(inputs, rows).items()}
+    arrays.update({f"out:{name}": array for name, array in _first_rows(outputs, rows).items()})
     np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
     return buffer.getvalue()
 

@@ -131,16 +131,18 @@ class WindowSet:
         self.spec = spec
         self._open: dict[WindowKey, _OpenWindow] = {}
         self._held: dict[bytes, bytes] = {}  # uid -> entry id, for entries in open windows
-        self._recent: dict[bytes, None] = {}  # uids of closed windows, oldest first
+        self._recent: dict[bytes, bytes] = {}  # uid -> entry id, for closed windows, oldest first
 
     @property
     def open_entries(self) -> int:
         return len(self._held)
 
     def add(self, entry: LogEntry) -> tuple[list[ClosedWindow], list[bytes]]:
-        held = self._held.get(entry.uid)
-        if held is not None or entry.uid in self._recent:
-            return [], [] if held == entry.entry_id else [entry.entry_id]
+        seen = self._held.get(entry.uid) or self._recent.get(entry.uid)
+        if seen is not None:
+            # The same entry again (re-claimed while its window is open or awaiting its commit) is ignored and
+            # must not be acknowledged early; another entry repeating the uid is a duplicate record.
+            return [], [] if seen == entry.entry_id else [entry.entry_id]
         closed: list[ClosedWindow] = []
         window = self._open.get(entry.key)
         if window is not None and self._time_is_up(window, entry.ts_ms):
@@ -169,7 +171,7 @@ class WindowSet:
         del self._open[window.key]
         for entry in window.entries:
             self._held.pop(entry.uid, None)
-            self._recent[entry.uid] = None
+            self._recent[entry.uid] = entry.entry_id
         while len(self._recent) > _RECENT_UIDS:
             del self._recent[next(iter(self._recent))]
         return window.close(reason)

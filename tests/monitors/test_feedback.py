@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from monitors.feedback import FeedbackJoiner, predictions_of, task_of
 from monitors.features import parse_tensor_lists, stack
+from monitors.feedback import FeedbackJoiner, predictions_of, task_of
 from monitors.windows import WindowKey
 from tests.monitors.helpers import tensor
 

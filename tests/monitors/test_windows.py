@@ -62,6 +62,7 @@ def test_redelivered_entries_are_not_counted_twice() -> None:
     done, _ = windows.add(entry(4))
     assert [w.rows for w in done] == [3]
     assert windows.add(entry(5, uid="u1")) == ([], [b"5-0"])  # its window is closed: still a duplicate
+    assert windows.add(first) == ([], [])  # re-claimed before its closed window was committed: not acked early
 
 
 def test_windows_are_per_key() -> None:
