@@ -36,9 +36,13 @@ class LagProbe:
         pending = int(group.get("pending") or 0)
         if group.get("lag") is not None:
             return int(group["lag"]) + pending
-        return await self._undelivered(stream, _text(group.get("last-delivered-id")) or "0-0") + pending
+        undelivered = await self._undelivered(stream, _text(group.get("last-delivered-id")) or "0-0")
+        if undelivered is None:
+            return int(await self._redis.xlen(stream))  # an upper bound of undelivered + pending
+        return undelivered + pending
 
-    async def _undelivered(self, stream: str, cursor: str) -> int:
+    async def _undelivered(self, stream: str, cursor: str) -> int | None:
+        """Entries after `cursor`, or None past the cap."""
         counted = 0
         while counted < self._cap:
             found, last = await self._count_after(keys=[stream], args=[cursor, self._chunk])
@@ -46,7 +50,7 @@ class LagProbe:
             if int(found) < self._chunk:
                 return counted
             cursor = _text(last)
-        return int(await self._redis.xlen(stream))
+        return None
 
 
 def _text(value: Any) -> str:
