@@ -119,6 +119,25 @@ def monitor(
     run_monitor(settings, metrics_host=metrics_host, metrics_port=metrics_port)
 
 
+@app.command()
+def demo(
+    duration: Annotated[float, typer.Option(help="Seconds of traffic before the demo stops by itself.")] = 90.0,
+    rate: Annotated[float, typer.Option(help="Requests per second.")] = 100.0,
+    port: Annotated[int, typer.Option(help="Gateway port (0: a free one).")] = 8000,
+    metrics_port: Annotated[int, typer.Option(help="Monitor /metrics port (0: a free one).")] = 9400,
+    data_dir: Annotated[Path, typer.Option(help="Models cache and embedded Redis live under <data_dir>/demo.")] = Path(
+        ".gatewatch"
+    ),
+) -> None:
+    """Everything on one machine: gateway + monitor on an embedded Redis, traffic that drifts, signed webhooks."""
+    import asyncio
+
+    from loadtests.demo.run import DemoOptions, run_demo
+
+    options = DemoOptions(duration=duration, rate=rate, port=port, metrics_port=metrics_port, data_dir=data_dir)
+    raise typer.Exit(asyncio.run(run_demo(options, Console(soft_wrap=True))))
+
+
 routes_app = typer.Typer(help="Read and change a running gateway's routes (admin API).", no_args_is_help=True)
 app.add_typer(routes_app, name="routes")
 
