@@ -32,6 +32,7 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         validate_default=True,
+        use_attribute_docstrings=True,
     )
 
     registry: str = "models"
@@ -93,19 +94,31 @@ class Settings(BaseSettings):
     redis_timeout_seconds: float = Field(default=2.0, gt=0)
     """A Redis call slower than this counts as failed (records are spooled)."""
     window_rows: int = Field(default=1000, ge=1)
+    """Rows per monitor window (a 64-row request adds 64)."""
     window_seconds: float = Field(default=60.0, gt=0)
+    """A window also closes after this long if it holds at least `min_window_rows`."""
     min_window_rows: int = Field(default=100, ge=1)
+    """Fewest rows a time-closed window needs to be analysed."""
     reference_rows: int = Field(default=2000, ge=1)
+    """Live rows taken as the drift reference when the registry has no `reference.npz`."""
     drift_alpha: float = Field(default=0.01, gt=0, lt=1)
+    """Family-wise significance per window, across features."""
     drift_persistence: int = Field(default=2, ge=1)
+    """Consecutive drifted windows before `drift.detected` (and breached windows before `latency.slo_breach`)."""
     drift_resolve_after: int = Field(default=3, ge=1)
+    """Consecutive clean windows before `drift.resolved` / `latency.slo_resolved`."""
     retrain_after_windows: int = Field(default=2, ge=1)
+    """Drifted windows before `retrain.requested`."""
     retrain_cooldown_seconds: float = Field(default=3600.0, ge=0)
+    """Per model version: one `retrain.requested` per incident within this time."""
     latency_slo_ms: float | None = Field(default=None, gt=0)
+    """p99 latency threshold per window; absent means no latency alerts."""
     webhook_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Comma-separated in the environment; every alert event goes to each."""
     retrain_webhook_url: str | None = None
+    """Receives `retrain.requested` only."""
     webhook_secret: SecretStr | None = None
+    """HMAC-SHA256 key for the `X-Gatewatch-Signature` of every webhook."""
 
     drift_correction: Literal["holm", "bonferroni"] = "holm"
     """How `drift_alpha` is shared across a window's features (family-wise): Holm's step-down, or Bonferroni."""
@@ -170,3 +183,18 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         model_config = SettingsConfigDict(yaml_file=config_file)
 
     return _FromFile(**overrides)
+
+
+def reference_table() -> str:
+    """The configuration reference (Markdown) from the fields themselves, so the README cannot drift from them."""
+    lines = ["| key | env | default | meaning |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = "—" if default in (None, [], {}) else f"`{default}`"
+        meaning = " ".join((field.description or "").split()).replace("|", "\\|")
+        lines.append(f"| `{name}` | `GATEWATCH_{name.upper()}` | {shown} | {meaning} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_table())
