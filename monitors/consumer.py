@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 _MAX_ANALYSES = 4  # closed windows analysed ahead of their commit, per stream (memory stays bounded)
 _FEEDBACK_SECONDS = 1.0
 _LAG_SECONDS = 1.0
+_LAG_BEHIND_SECONDS = 10.0
 RawEntry = tuple[bytes, Any]
 
 
@@ -76,7 +77,7 @@ class StreamConsumer:
         self._feedback_cursor = "0-0"
         self._queue: deque[_Closed] = deque()
         self._stopping = asyncio.Event()
-        self._due: dict[str, float] = {}
+        self._last_run: dict[str, float] = {}
 
     def stop(self) -> None:
         self._stopping.set()
@@ -89,7 +90,7 @@ class StreamConsumer:
             await self._feed(batch)
             if caught_up:
                 await self._enqueue(self._windows.expire(int(time.time() * 1000)))
-                await self._housekeeping()
+            await self._housekeeping(caught_up)
             await self._commit_ready(drain=caught_up)
 
     async def _start(self) -> None:
@@ -208,20 +209,21 @@ class StreamConsumer:
             else:
                 logger.warning("%s %s: %s", event["type"], event["event_id"], event["summary"])
 
-    async def _housekeeping(self) -> None:
-        """Idle-time chores: feedback, stray pending entries, the lag gauge."""
+    async def _housekeeping(self, caught_up: bool) -> None:
+        """Chores on timers: feedback, stray pending entries, the lag gauge (rarer while behind, when counting
+        the undelivered entries costs Redis more)."""
         if self._is_due("feedback", _FEEDBACK_SECONDS):
             await self._read_feedback()
         if self._is_due("sweep", self._ctx.sweep_seconds) and await self._others_pending():
             await self._claim_pending()
-        if self._is_due("lag", _LAG_SECONDS):
+        if self._is_due("lag", _LAG_SECONDS if caught_up else _LAG_BEHIND_SECONDS):
             self._ctx.metrics.lag(self.endpoint, await self._ctx.lag.lag(self.stream))
 
     def _is_due(self, chore: str, every: float) -> bool:
         now = time.monotonic()
-        if now < self._due.get(chore, 0.0):
+        if chore in self._last_run and now - self._last_run[chore] < every:
             return False
-        self._due[chore] = now + every
+        self._last_run[chore] = now
         return True
 
     async def _read_feedback(self) -> None:
