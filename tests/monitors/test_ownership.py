@@ -1,10 +1,12 @@
-"""Two `gatewatch monitor` processes sharing log streams: spread by fair share, taken over after a SIGKILL, with
-every row in exactly one stored window. Traffic keeps flowing during the kill (a writer thread, paced: the pacing
-is the scenario), so the killed worker dies holding open windows whose entries are pending."""
+"""Monitor processes sharing log streams: spread by fair share, taken over after a SIGKILL, with every row in
+exactly one stored window. Traffic keeps flowing during the kill (a writer thread, paced: the pacing is the
+scenario), so the killed worker dies holding open windows whose entries are pending. And a Redis restart under a
+running worker: again every row exactly once."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,3 +145,24 @@ def test_streams_spread_and_survive_sigkill_exactly_once(
     assert "re-read" in survivor.log()
     assert survivor.terminate() == 0, survivor.log()
     assert holders(redis_client, streams) == dict.fromkeys(streams), "leases released on SIGTERM"
+
+
+def test_redis_restart_loses_and_doubles_nothing(
+    config: Path, tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis,
+    monitors: list[MonitorProcess],
+) -> None:
+    traffic = Traffic(redis_client)
+    stream = STREAMS[0]
+    traffic.send(stream, 330)
+    monitors.append(start_monitor(config, tmp_path))
+    wait_for(lambda: len(window_results(redis_client)) >= 2, 60, "windows before the outage")
+    redis_server.stop()
+    time.sleep(3)  # the scenario: Redis is down for a while (its append-only file keeps the data)
+    redis_server.start()
+    traffic.client = redis_server.client()
+    traffic.send(stream, 200)
+    wait_for(lambda: all_consumed(traffic.client, [stream]), 60, "every entry consumed after the restart")
+    results = window_results(traffic.client)
+    assert sum(r["rows"] for r in results) == traffic.rows[stream]
+    assert sum(r["entries"] for r in results) == traffic.records[stream] == 530
+    assert monitors[0].terminate() == 0, monitors[0].log()
