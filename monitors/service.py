@@ -16,7 +16,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 from redis.asyncio import Redis
 
 from gateway.redis_connection import open_redis
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 def run_monitor(settings: Settings, metrics_host: str = "127.0.0.1", metrics_port: int = 9400) -> None:
     """Run one worker until SIGTERM or SIGINT."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per webhook POST is noise
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # no `_created` twin of each counter
     registry = CollectorRegistry()
     metrics = MonitorMetrics(registry)
     server, _ = start_http_server(metrics_port, addr=metrics_host, registry=registry)
