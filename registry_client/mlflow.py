@@ -11,6 +11,8 @@ beside it, so a gateway cold-started while the registry is down serves from the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -40,6 +42,8 @@ WANTED_FILES = (MODEL_FILE, META_FILE, REFERENCE_FILE)
 _COMPLETE = ".complete"
 _INDEX = "index.json"
 _PAGE = 200
+
+logger = logging.getLogger(__name__)
 
 
 def credentials_from_env(env: Mapping[str, str]) -> httpx.Auth | None:
@@ -98,7 +102,13 @@ class MlflowRegistry:
     async def fetch(self, model: str, version: int) -> ModelArtifact:
         target = self._cache / model / str(version)
         if (target / _COMPLETE).is_file():
-            return await asyncio.to_thread(self._verified, model, version, target)
+            try:
+                return await asyncio.to_thread(self._verified, model, version, target)
+            except ArtifactRejected as exc:
+                # The cached copy changed on disk since it was verified: drop it (so no snapshot offers it) and
+                # download the version again.
+                logger.warning("%s v%s: discarding the cached copy (%s); downloading it again", model, version, exc)
+                await asyncio.to_thread(self._discard, target)
         version_info = (await self._get(f"{API}/model-versions/get", {"name": model, "version": str(version)}))[
             "model_version"
         ]
@@ -182,22 +192,57 @@ class MlflowRegistry:
 
     def _finish(self, staging: Path, target: Path, expected_sha256: str | None) -> None:
         verify_artifact(ModelArtifact("", 0, staging, read_meta(staging)))
-        if expected_sha256 is not None:
-            actual = file_sha256(staging / MODEL_FILE)
-            if actual != expected_sha256.lower():
-                raise ArtifactRejected(
-                    f"{MODEL_FILE}: sha256 is {actual}, the version's sha256 tag says {expected_sha256}",
-                    reason="sha256_mismatch",
-                )
-        (staging / _COMPLETE).write_text("ok")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        actual = file_sha256(staging / MODEL_FILE)
+        if expected_sha256 is not None and actual != expected_sha256.lower():
+            raise ArtifactRejected(
+                f"{MODEL_FILE}: sha256 is {actual}, the version's sha256 tag says {expected_sha256}",
+                reason="sha256_mismatch",
+            )
+        # The marker records the verified digest, so that a cached copy is checked again whenever it is reused.
+        (staging / _COMPLETE).write_text(actual)
+        # Gateway worker processes share this cache: another one may have finished the same version meanwhile and
+        # be loading it. A rename onto an existing version directory fails; then keep that copy if it is sound.
+        try:
+            os.replace(staging, target)
+            return
+        except OSError:
+            if self._sound(target):
+                return
+        self._discard(target)  # a damaged copy
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not self._sound(target):  # not someone else's finished copy: a real failure
+                raise
 
     def _verified(self, model: str, version: int, directory: Path) -> ModelArtifact:
         artifact = ModelArtifact(model, version, directory, read_meta(directory))
         verify_artifact(artifact)
+        recorded = (directory / _COMPLETE).read_text().strip()
+        if len(recorded) == 64:  # caches written before digests were recorded hold "ok"
+            actual = file_sha256(artifact.model_path)
+            if actual != recorded:
+                raise ArtifactRejected(
+                    f"cached {artifact.model_path}: sha256 is {actual}, was {recorded} when downloaded",
+                    reason="sha256_mismatch",
+                )
         return artifact
+
+    def _sound(self, directory: Path) -> bool:
+        if not (directory / _COMPLETE).is_file():
+            return False
+        try:
+            self._verified("", 0, directory)
+        except (ArtifactRejected, OSError):
+            return False
+        return True
+
+    def _discard(self, directory: Path) -> None:
+        """Remove a version directory: renamed aside first (atomic), so no reader ever sees it half deleted."""
+        aside = Path(tempfile.mkdtemp(prefix=".discarded-", dir=directory.parent))
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(directory, aside / directory.name)
+        shutil.rmtree(aside, ignore_errors=True)
 
     def _remember_index(self, index: ModelIndex) -> None:
         directory = self._cache / index.model
