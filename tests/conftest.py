@@ -189,7 +189,11 @@ class MlflowServer:
             "--artifacts-destination", str(self.directory / "artifacts"), "--serve-artifacts", "--workers", "1",
         ]
         log = (self.directory / "mlflow.log").open("ab")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.directory)
+        # No job runner: gatewatch uses none of MLflow's jobs, and its worker processes cost seconds of CPU.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=self.directory, env=env
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

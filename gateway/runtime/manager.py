@@ -51,6 +51,7 @@ class ModelState:
     aliases: dict[str, int] = field(default_factory=dict)
     refused: dict[int, str] = field(default_factory=dict)
     latest_version: int | None = None
+    reported_refusals: frozenset[str] = frozenset()  # refused moves already logged: each is reported once
 
     def latest(self) -> LoadedVersion | None:
         return self.versions.get(self.latest_version) if self.latest_version is not None else None
@@ -133,11 +134,13 @@ class ModelManager:
                     await self._sync_model(index)
                 self.ready = True
                 raise
-            for index in indexes:
-                await self._sync_model(index)
+            # One model's unreachable artifacts must not hold back the others: sync all, then report.
+            unavailable = [error for index in indexes if (error := await self._sync_model(index)) is not None]
             for name in set(self._models) - {index.model for index in indexes}:
                 await self._unload_model(name)
             self.ready = True
+            if unavailable:
+                raise unavailable[0]
 
     async def _live_indexes(self) -> list[ModelIndex]:
         indexes = []
@@ -163,14 +166,21 @@ class ModelManager:
                 delay = min(delay * 2, max(interval, 60.0))
                 logger.exception("registry sync failed; next try in %.0fs", delay)
 
-    async def _sync_model(self, index: ModelIndex) -> None:
+    async def _sync_model(self, index: ModelIndex) -> RegistryUnavailable | None:
+        """Apply one model's index; returns (rather than raises) a transient fetch failure, after publishing
+        everything that did load, so that nothing loaded is dropped and the version is retried next poll."""
         current = self._models.get(index.model, ModelState(index.model))
         versions = dict(current.versions)
         refused = {v: why for v, why in current.refused.items() if v in index.versions}
+        unavailable: RegistryUnavailable | None = None
         for version in index.versions:
             if version in versions or version in refused:
                 continue
-            loaded, reason = await self._load(index.model, version)
+            try:
+                loaded, reason = await self._load(index.model, version)
+            except RegistryUnavailable as exc:
+                unavailable = unavailable or exc
+                continue
             if loaded is not None:
                 versions[version] = loaded
             else:
@@ -178,17 +188,22 @@ class ModelManager:
         removed = [versions.pop(v) for v in list(versions) if v not in index.versions]
         runners = {v: loaded.runner for v, loaded in versions.items()}
         promotion = promote(runners, index.aliases, current.aliases, current.latest_version)
-        self._report(index.model, promotion)
+        self._report(index.model, promotion, current.reported_refusals)
         # One assignment publishes the new state: a request sees the old versions and aliases or the new ones.
-        self._models[index.model] = ModelState(index.model, versions, promotion.aliases, refused, promotion.latest)
+        self._models[index.model] = ModelState(
+            index.model, versions, promotion.aliases, refused, promotion.latest, frozenset(promotion.refused)
+        )
         for old in removed:
             await self._unload(old)
+        return unavailable
 
-    def _report(self, model: str, promotion: Promotion) -> None:
+    def _report(self, model: str, promotion: Promotion, already_reported: frozenset[str]) -> None:
         for note in promotion.moved:
             logger.info("%s: %s", model, note)
             self._metrics.model_reloads.labels(model, "moved").inc()
         for note in promotion.refused:
+            if note in already_reported:
+                continue  # the registry still asks for the same refused move: said once already
             logger.error("%s: refused %s; the current version keeps serving", model, note)
             self._metrics.model_reloads.labels(model, "refused").inc()
 

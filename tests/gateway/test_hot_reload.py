@@ -10,7 +10,6 @@ Clients are concurrent `httpx.AsyncClient` tasks; every wait polls a condition a
 - The registry going away changes nothing for clients; a gateway cold-started meanwhile serves from its cache; once
   the registry is back, the next alias move is followed.
 
-Two strict xfails pin model-manager bugs found here (see their reasons); they start passing when those are fixed.
 """
 
 from __future__ import annotations
@@ -398,11 +397,6 @@ async def test_mlflow_corrupt_or_incompatible_versions_are_refused(
     assert len(answers) >= 50
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (gateway/runtime/manager.py + promotion.py): a refused move is logged at ERROR and counted in "
-    "gatewatch_model_reloads_total{outcome='refused'} again at every poll while the alias stays on the bad version",
-)
 async def test_mlflow_refused_move_is_reported_once(
     mlflow_server: MlflowServer, mlflow_gateway: GatewayProcess
 ) -> None:
@@ -426,12 +420,6 @@ async def test_mlflow_refused_move_is_reported_once(
         assert await metric(http, "gatewatch_model_reloads_total", model=name, outcome="refused") == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (gateway/runtime/manager.py _sync_model): when fetching a later version raises RegistryUnavailable, "
-    "the versions already loaded in that call are dropped without _unload (batcher task and onnxruntime session "
-    "leak) and are loaded, and counted, again at every poll",
-)
 async def test_transient_fetch_failure_keeps_the_versions_already_loaded(
     mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:
