@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from gateway.api.admin import build_admin_router
 from gateway.api.errors import install_error_handlers
+from gateway.api.fastpath import InferenceFastPath
 from gateway.api.v2 import build_v2_router
 from gateway.dataplane import SERVER_VERSION, DataPlane
 from gateway.metrics import GatewayMetrics, render
@@ -103,6 +104,8 @@ def create_app(settings: Settings, metrics_registry: CollectorRegistry | None = 
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # Outermost but for Starlette's error middleware: inference requests skip FastAPI's routing (see fastpath.py).
+    app.add_middleware(InferenceFastPath, dataplane=dataplane, max_body_bytes=settings.max_body_bytes)
     app.include_router(build_v2_router(dataplane, settings.max_body_bytes))
     app.include_router(build_admin_router(admin))
 

@@ -13,15 +13,22 @@ from starlette.responses import Response
 from gateway.errors import GatewayError
 
 
-def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> Response:
+def error_headers(exc: GatewayError, headers: dict[str, str] | None = None) -> dict[str, str]:
     merged = dict(headers or {})
     if exc.retry_after is not None:
         merged["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
     if exc.status_code == 401:
         merged["www-authenticate"] = "Bearer"
-    return Response(
-        orjson.dumps({"error": exc.message}), exc.status_code, headers=merged, media_type="application/json"
-    )
+    return merged
+
+
+def error_body(exc: GatewayError) -> bytes:
+    return orjson.dumps({"error": exc.message})
+
+
+def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> Response:
+    merged = error_headers(exc, headers)
+    return Response(error_body(exc), exc.status_code, headers=merged, media_type="application/json")
 
 
 async def _gateway_error(_: Request, exc: Exception) -> Response:

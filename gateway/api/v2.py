@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import secrets
 import time
-import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from gateway.api.errors import error_response
+from gateway.api.errors import error_body, error_headers
 from gateway.dataplane import DataPlane, InferCall
 from gateway.errors import GatewayError, InvalidInput, NotReady, PayloadTooLarge
 from gateway.protocol import types
@@ -19,6 +21,8 @@ HEADER_LENGTH = "inference-header-content-length"
 REQUEST_ID = "x-request-id"
 VARIANT = "x-gatewatch-variant"
 TIMEOUT = "x-gatewatch-timeout-ms"
+JSON = "application/json"
+BINARY = "application/octet-stream"
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": types.ErrorResponse, "description": description}
@@ -44,6 +48,49 @@ _INFER_BODY: dict[str, Any] = {
         },
     }
 }
+
+
+@dataclass(frozen=True)
+class HttpAnswer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    media_type: str
+
+
+async def exchange(
+    dataplane: DataPlane,
+    name: str,
+    version: str | None,
+    headers: Mapping[str, str],
+    body: Callable[[], Awaitable[bytes]],
+) -> HttpAnswer:
+    """One inference over HTTP, whichever server layer carries it (FastAPI route or the ASGI fast path)."""
+    request_id = headers.get(REQUEST_ID) or secrets.token_hex(16)
+    reply = {REQUEST_ID: request_id}
+    call: InferCall | None = None
+    try:
+        call = InferCall(
+            name=name,
+            version=version,
+            body=await body(),
+            header_length=_header_length(headers.get(HEADER_LENGTH)),
+            request_id=request_id,
+            timeout_ms=_positive_number(headers.get(TIMEOUT), TIMEOUT),
+            headers=headers,
+        )
+        answer = await dataplane.infer(call)
+    except GatewayError as exc:
+        if exc.variant is not None:
+            reply[VARIANT] = exc.variant
+        elif call is None:  # refused before the dataplane saw it: still logged and counted
+            dataplane.refuse_early(name, request_id, int(time.time() * 1000), exc)
+        return HttpAnswer(exc.status_code, error_headers(exc, reply), error_body(exc), JSON)
+    reply[VARIANT] = answer.variant
+    if answer.header_length is None:
+        return HttpAnswer(200, reply, answer.body, JSON)
+    reply[HEADER_LENGTH] = str(answer.header_length)
+    return HttpAnswer(200, reply, answer.body, BINARY)
 
 
 def _json(payload: dict[str, Any], status: int = 200) -> Response:
@@ -131,32 +178,8 @@ def build_v2_router(dataplane: DataPlane, max_body_bytes: int) -> APIRouter:
         return _json({"name": name, "ready": dataplane.model_ready(name, version)})
 
     async def infer(request: Request, name: str, version: str | None) -> Response:
-        request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
-        headers = {REQUEST_ID: request_id}
-        arrived_ms = int(time.time() * 1000)
-        call: InferCall | None = None
-        try:
-            call = InferCall(
-                name=name,
-                version=version,
-                body=await read_body(request, max_body_bytes),
-                header_length=_header_length(request.headers.get(HEADER_LENGTH)),
-                request_id=request_id,
-                timeout_ms=_positive_number(request.headers.get(TIMEOUT), TIMEOUT),
-                headers=request.headers,
-            )
-            answer = await dataplane.infer(call)
-        except GatewayError as exc:
-            if exc.variant is not None:
-                headers[VARIANT] = exc.variant
-            elif call is None:  # refused before the dataplane saw it: still logged and counted
-                dataplane.refuse_early(name, request_id, arrived_ms, exc)
-            return error_response(exc, headers)
-        headers[VARIANT] = answer.variant
-        if answer.header_length is None:
-            return Response(answer.body, headers=headers, media_type="application/json")
-        headers[HEADER_LENGTH] = str(answer.header_length)
-        return Response(answer.body, headers=headers, media_type="application/octet-stream")
+        answer = await exchange(dataplane, name, version, request.headers, lambda: read_body(request, max_body_bytes))
+        return Response(answer.body, answer.status, headers=answer.headers, media_type=answer.media_type)
 
     infer_docs: dict[str, Any] = {
         "response_model": types.InferenceResponse,
