@@ -138,6 +138,14 @@ def demo(
     raise typer.Exit(asyncio.run(run_demo(options, Console(soft_wrap=True))))
 
 
+def _mount_loadtest() -> None:
+    from loadtests.cli import app as loadtest_app
+
+    app.add_typer(loadtest_app, name="loadtest")
+
+
+_mount_loadtest()
+
 routes_app = typer.Typer(help="Read and change a running gateway's routes (admin API).", no_args_is_help=True)
 app.add_typer(routes_app, name="routes")
 
