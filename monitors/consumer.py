@@ -4,6 +4,12 @@ Start of ownership: join the group (created at id 0), load the alert states, the
 (XAUTOCLAIM from 0-0, min-idle 0), whoever it was delivered to, to rebuild the open windows a previous owner left.
 Then XREADGROUP in batches. A closed window is analysed in a thread while reading goes on; windows are committed
 in the order they closed (their alert states depend on it), each with its entries' XACK (`store.py`).
+
+While a version's drift reference is being taken from live rows, it grows only as windows commit (each offers its
+rows). A window closed meanwhile is therefore analysed only when its turn to commit comes, after every window before
+it has offered its rows: the reference is then either complete, and the window is tested against it, or still
+short, and the window's rows go into it. Analysed any earlier (a backlog closes several windows in one batch), it
+would miss a reference its predecessors complete and go untested.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from redis.exceptions import ResponseError
 from gateway.records import LOG_STREAM_PREFIX, MONITOR_GROUP, ROLE_PRIMARY, feedback_stream
 from monitors.alerts import RETRAIN_REQUESTED, AlertRules, AlertState, WindowFacts, build_event, step
 from monitors.analysis import DriftSettings, WindowAnalysis, analyse, result_document
+from monitors.drift.detector import ReferenceProfile
 from monitors.feedback import FeedbackJoiner
 from monitors.lag import LagProbe
 from monitors.metrics import MonitorMetrics
@@ -63,7 +70,13 @@ class ConsumerContext:
 class _Closed:
     window: ClosedWindow
     reference: VersionReference | None
-    analysis: asyncio.Future[WindowAnalysis]
+    analysis: asyncio.Future[WindowAnalysis] | None = None  # None: not started yet (see the module docstring)
+    profile: ReferenceProfile | None = None  # the reference it is analysed against (its `reference` may change)
+
+    @property
+    def ready(self) -> bool:
+        """Committable without waiting for a thread: analysed, or to be analysed at its commit."""
+        return self.analysis is None or self.analysis.done()
 
 
 class StreamConsumer:
@@ -147,23 +160,35 @@ class StreamConsumer:
         await self._enqueue(closed)
 
     async def _enqueue(self, closed: Sequence[ClosedWindow]) -> None:
-        loop = asyncio.get_running_loop()
         for window in closed:
             reference = None
             if window.key.model and window.key.version:
                 reference = await self._ctx.references.get(window.key.model, window.key.version)
-            analysis = loop.run_in_executor(
-                self._ctx.executor, analyse, window, reference.profile if reference else None,
-                reference.meta if reference else {}, bool(reference and reference.wants_rows), self._ctx.drift)
-            self._queue.append(_Closed(window, reference, analysis))
+            pending = _Closed(window, reference)
+            if reference is None or not reference.wants_rows:
+                self._analyse(pending)
+            # else: the windows queued before it may still complete the reference; analysed at its commit
+            self._queue.append(pending)
             await self._commit_ready(drain=False)
 
-    async def _commit_ready(self, drain: bool) -> None:
-        while self._queue and (drain or self._queue[0].analysis.done() or len(self._queue) > _MAX_ANALYSES):
-            closed = self._queue.popleft()
-            await self._commit(closed.window, closed.reference, await closed.analysis)
+    def _analyse(self, closed: _Closed) -> asyncio.Future[WindowAnalysis]:
+        """Start the window's analysis in a thread, against its reference as it stands now."""
+        reference = closed.reference
+        closed.profile = reference.profile if reference else None
+        closed.analysis = asyncio.get_running_loop().run_in_executor(
+            self._ctx.executor, analyse, closed.window, closed.profile, reference.meta if reference else {},
+            bool(reference and reference.wants_rows), self._ctx.drift)
+        return closed.analysis
 
-    async def _commit(self, window: ClosedWindow, reference: VersionReference | None, analysis: WindowAnalysis) -> None:
+    async def _commit_ready(self, drain: bool) -> None:
+        while self._queue and (drain or self._queue[0].ready or len(self._queue) > _MAX_ANALYSES):
+            closed = self._queue.popleft()
+            # Every window before it is committed: a live reference holds their rows now.
+            analysis = await (closed.analysis or self._analyse(closed))
+            await self._commit(closed.window, closed.reference, closed.profile, analysis)
+
+    async def _commit(self, window: ClosedWindow, reference: VersionReference | None,
+                      profile: ReferenceProfile | None, analysis: WindowAnalysis) -> None:
         ctx, key = self._ctx, window.key
         field = f"alert:{key.label}"
         tested = analysis.drift is not None and analysis.drift.tested > 0
@@ -180,7 +205,7 @@ class StreamConsumer:
             self._joiner.add_predictions(key, analysis.task, labels, analysis.predictions)
             performance = self._joiner.take(key)
         retrain = next((event for event in events if event["type"] == RETRAIN_REQUESTED), None)
-        source = reference.profile.source if reference and reference.profile else "none yet"
+        source = profile.source if profile else "none yet"  # what the window was tested against, if anything
         result = result_document(window, analysis, ctx.worker_id, source, events,
                                  asdict(performance) if performance else None)
         asked = await ctx.store.commit(self.stream, Commit(
