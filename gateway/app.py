@@ -169,6 +169,7 @@ def _log_writer(settings: Settings, redis: RedisConnection, metrics: GatewayMetr
         batch_size=settings.log_batch_size,
         spool_max_bytes=settings.log_spool_max_bytes,
         write_timeout=settings.redis_timeout_seconds,
+        linger=settings.log_linger_ms / 1000,
     )
     log_metrics = LogMetrics(metrics.log_records, metrics.log_queue_depth, metrics.log_spool_bytes)
     return LogWriter(redis.client, settings.data_dir / "spool", log_metrics, limits, router.policy_for)

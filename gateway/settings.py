@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     """Records waiting for the log writer; beyond it records are dropped (and counted)."""
     log_batch_size: int = Field(default=512, ge=1)
     """Records per pipelined XADD round trip."""
+    log_linger_ms: float = Field(default=5.0, ge=0)
+    """How long a partial batch of log records waits for more before it is written (fewer Redis round trips)."""
     log_spool_max_bytes: int = Field(default=1 << 30, ge=0)
     """Cap of the disk spool that holds records while Redis is unreachable."""
     redis_timeout_seconds: float = Field(default=2.0, gt=0)

@@ -48,6 +48,7 @@ class WriterLimits:
     batch_size: int = 512
     spool_max_bytes: int = 1 << 30
     write_timeout: float = 2.0
+    linger: float = 0.005  # seconds a partial batch waits for company: one round trip per request costs more CPU
 
 
 class LogMetrics:
@@ -158,6 +159,8 @@ class LogWriter:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wakeup.wait()
+        if 0 < len(self._queue) < self._limits.batch_size and not self._closing and self._limits.linger > 0:
+            await asyncio.sleep(self._limits.linger)  # let a trickle of records share one pipelined round trip
         limit = self._limits.batch_size * (_OUTAGE_BATCH_FACTOR if self._outage else 1)
         taken = [self._queue.popleft() for _ in range(min(len(self._queue), limit))]
         self._metrics.queue_depth.set(len(self._queue))
