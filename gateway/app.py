@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from gateway.api.admin import build_admin_router
 from gateway.api.errors import install_error_handlers
-from gateway.api.fastpath import InferenceFastPath
+from gateway.api.fastpath import GatewayApp, InferenceFastPath
 from gateway.api.v2 import build_v2_router
 from gateway.dataplane import SERVER_VERSION, DataPlane
 from gateway.metrics import GatewayMetrics, render
@@ -97,15 +97,15 @@ def create_app(settings: Settings, metrics_registry: CollectorRegistry | None = 
             executor.shutdown(wait=True)
             await registry.aclose()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="gatewatch",
         version=SERVER_VERSION,
         description="Open Inference Protocol (KServe V2) gateway over versioned ONNX models.",
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    # Outermost but for Starlette's error middleware: inference requests skip FastAPI's routing (see fastpath.py).
-    app.add_middleware(InferenceFastPath, dataplane=dataplane, max_body_bytes=settings.max_body_bytes)
+    # Inference requests skip FastAPI's middleware and routing (see fastpath.py); the rest is plain FastAPI.
+    app.fast_path = InferenceFastPath(dataplane, settings.max_body_bytes)
     app.include_router(build_v2_router(dataplane, settings.max_body_bytes))
     app.include_router(build_admin_router(admin))
 

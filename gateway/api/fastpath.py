@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from fastapi import FastAPI
+from starlette.types import Message, Receive, Scope, Send
 
 from gateway.api.v2 import HttpAnswer, exchange
 from gateway.dataplane import DataPlane
@@ -27,18 +28,20 @@ class ClientDisconnected(Exception):
 
 
 class InferenceFastPath:
-    def __init__(self, app: ASGIApp, dataplane: DataPlane, max_body_bytes: int) -> None:
-        self._app = app
+    """Answers `scope` when it is an inference request (True), else leaves it to the caller (False)."""
+
+    def __init__(self, dataplane: DataPlane, max_body_bytes: int) -> None:
         self._dataplane = dataplane
         self._limit = max_body_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> bool:
         if scope["type"] == "http" and scope["method"] == "POST":
             match = _INFER_PATH.match(scope["path"])
             if match is not None:
                 await self._infer(scope, receive, send, match.group(1), match.group(2))
-                return
-        await self._app(scope, receive, send)
+                return True
+        return False
+
 
     async def _infer(self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None) -> None:
         headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
@@ -65,6 +68,17 @@ class InferenceFastPath:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class GatewayApp(FastAPI):
+    """FastAPI, with inference requests taken before any of its middleware (see the module docstring)."""
+
+    fast_path: InferenceFastPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fast_path is not None and await self.fast_path.handle(scope, receive, send):
+            return
+        await super().__call__(scope, receive, send)
 
 
 async def _send(send: Send, answer: HttpAnswer) -> None:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -54,11 +55,11 @@ class _Pending:
     future: asyncio.Future[list[np.ndarray]]
     arrived: float
     deadline: float | None
-    compat: tuple[object, ...] = field(init=False)
 
-    def __post_init__(self) -> None:
-        # Requests stack only when every non-batch dimension and dtype agree.
-        self.compat = tuple((name, a.shape[1:], a.dtype.str) for name, a in sorted(self.inputs.items()))
+    @functools.cached_property
+    def compat(self) -> tuple[object, ...]:
+        """Requests stack only when every non-batch dimension and dtype agree (computed only when stacking)."""
+        return tuple((name, a.shape[1:], a.dtype.str) for name, a in sorted(self.inputs.items()))
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
