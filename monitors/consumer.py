@@ -36,7 +36,7 @@ from monitors.lag import LagProbe
 from monitors.metrics import MonitorMetrics
 from monitors.reference import ReferenceStore, VersionReference
 from monitors.store import FEEDBACK_CURSOR_FIELD, Commit, WindowStore
-from monitors.windows import ClosedWindow, WindowSet, WindowSpec, parse_entry
+from monitors.windows import ClosedWindow, WindowSet, WindowSpec, parse_entry, parse_flat_entry
 
 logger = logging.getLogger(__name__)
 
@@ -135,26 +135,35 @@ class StreamConsumer:
             logger.info("%s: re-read %d pending entries", self.stream, claimed)
 
     async def _read(self) -> list[RawEntry]:
-        reply: Any = await self._ctx.redis.xreadgroup(
-            MONITOR_GROUP, self._ctx.worker_id, {self.stream: ">"}, count=self._ctx.read_count,
-            block=self._ctx.block_ms)
+        # Sent with its name as bytes, XREADGROUP skips redis-py's reply callback, which makes a dict of every
+        # entry's fields: entries come as [id, [name, value, …]] and `parse_flat_entry` reads just what it needs.
+        ctx = self._ctx
+        execute: Any = ctx.redis.execute_command
+        reply: Any = await execute(
+            b"XREADGROUP", b"GROUP", MONITOR_GROUP, ctx.worker_id, b"COUNT", ctx.read_count, b"BLOCK", ctx.block_ms,
+            b"STREAMS", self.stream, b">")
         if not reply:
             return []
-        if isinstance(reply, dict):  # RESP3 replies map stream -> entries
-            return [entry for entries in reply.values() for batch in entries for entry in batch]
-        return [entry for _, entries in reply for entry in entries]
+        groups = reply.values() if isinstance(reply, dict) else (entries for _, entries in reply)  # RESP3 | RESP2
+        return [entry for entries in groups for entry in entries]
 
     async def _feed(self, entries: Sequence[RawEntry]) -> None:
         unusable: list[bytes] = []
         closed: list[ClosedWindow] = []
+        add = self._windows.add
         for entry_id, fields in entries:
-            entry = parse_entry(self.stream, entry_id, fields)
+            if isinstance(fields, list):
+                entry = parse_flat_entry(self.stream, entry_id, fields)
+            else:
+                entry = parse_entry(self.stream, entry_id, fields)
             if entry is None:
                 unusable.append(entry_id)
                 continue
-            now_closed, duplicates = self._windows.add(entry)
-            closed += now_closed
-            unusable += duplicates
+            now_closed, duplicates = add(entry)
+            if now_closed:
+                closed += now_closed
+            if duplicates:
+                unusable += duplicates
         # Nothing of these is counted anywhere (or it is counted already): acknowledging them now loses nothing.
         await self._ctx.store.ack(self.stream, unusable)
         await self._enqueue(closed)

@@ -8,8 +8,10 @@ and rebuilds the same windows, because windows are cut from the entries alone, i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import operator
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.records import LOG_STREAM_PREFIX
 
@@ -62,26 +64,84 @@ def parse_entry(stream: str, entry_id: bytes, fields: Mapping[bytes, bytes] | No
     if not fields:
         return None
     get = fields.get
+    return _entry(stream, entry_id, (
+        get(b"endpoint", b""), get(b"model", b""), get(b"version", b""), get(b"role", b"primary"), get(b"uid"),
+        get(b"id", b""), get(b"ts", b"0"), get(b"rows", b"1"), get(b"status"), get(b"latency_ms"),
+        get(b"payload", b"full"), get(b"redacted"), get(b"inputs", b"[]"), get(b"outputs", b"[]")))
+
+
+# The fields `_entry` takes, in its order, and what stands for each one an entry lacks (as `parse_entry` reads them).
+_FIELDS: tuple[tuple[bytes, bytes | None], ...] = (
+    (b"endpoint", b""), (b"model", b""), (b"version", b""), (b"role", b"primary"), (b"uid", None), (b"id", b""),
+    (b"ts", b"0"), (b"rows", b"1"), (b"status", None), (b"latency_ms", None), (b"payload", b"full"),
+    (b"redacted", None), (b"inputs", b"[]"), (b"outputs", b"[]"),
+)
+_DEFAULTS = [default for _, default in _FIELDS]
+
+
+class _Layout:
+    """Where `_FIELDS` sit in a flat [name, value, name, value, …] entry with these names, in this order:
+    positions past the entry's end pick the defaults appended to it."""
+
+    __slots__ = ("names", "pick")
+
+    def __init__(self, names: list[bytes]) -> None:
+        at = {name: 2 * i + 1 for i, name in enumerate(names)}  # a repeated name: its last value, as in a dict
+        end = 2 * len(names)
+        self.names = names
+        self.pick = operator.itemgetter(*(at.get(name, end + i) for i, (name, _) in enumerate(_FIELDS)))
+
+
+_LAYOUTS: list[_Layout] = []  # the field layouts seen last (writers emit their fields in a fixed order)
+
+
+def parse_flat_entry(stream: str, entry_id: bytes, flat: Sequence[bytes] | None) -> LogEntry | None:
+    """`parse_entry` for the fields as Redis sends them, a flat list of names and values (no dict per entry)."""
+    if not flat:
+        return None
+    if len(flat) % 2:
+        return parse_entry(stream, entry_id, _pairs(flat))
+    names = flat[0::2]
+    for layout in _LAYOUTS:
+        if layout.names == names:
+            break
+    else:
+        layout = _Layout(list(names))
+        _LAYOUTS.insert(0, layout)
+        del _LAYOUTS[8:]
+    return _entry(stream, entry_id, layout.pick([*flat, *_DEFAULTS]))
+
+
+def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
+    it = iter(flat)
+    return dict(zip(it, it, strict=False))
+
+
+def _entry(stream: str, entry_id: bytes, values: Sequence[Any]) -> LogEntry | None:
+    (endpoint, model, version, role, uid, request_id, ts, rows, status, latency_ms, payload, redacted, inputs,
+     outputs) = values
     try:
-        raw_key = (get(b"endpoint", b""), get(b"model", b""), get(b"version", b""), get(b"role", b"primary"))
+        raw_key = (endpoint, model, version, role)
         key = _KEYS.get(raw_key) or _window_key(stream, raw_key)
-        redacted = get(b"redacted")
         return LogEntry(
             entry_id,
-            get(b"uid") or entry_id,
-            get(b"id", b""),
-            int(get(b"ts", b"0")),
+            uid or entry_id,
+            request_id,
+            int(ts),
             key,
-            max(int(get(b"rows", b"1")), 0),
-            int(get(b"status") or 200),
-            float(get(b"latency_ms") or 0),
-            get(b"payload", b"full"),
-            frozenset(redacted.decode().split(",")) if redacted else frozenset(),
-            get(b"inputs", b"[]"),
-            get(b"outputs", b"[]"),
+            max(int(rows), 0),
+            int(status or 200),
+            float(latency_ms or 0),
+            payload,
+            frozenset(redacted.decode().split(",")) if redacted else _NOTHING_REDACTED,
+            inputs,
+            outputs,
         )
     except (ValueError, UnicodeDecodeError):
         return None
+
+
+_NOTHING_REDACTED: frozenset[str] = frozenset()
 
 
 def _window_key(stream: str, raw: tuple[bytes, bytes, bytes, bytes]) -> WindowKey:
