@@ -7,12 +7,11 @@ Waiting is always polling a condition with a deadline; the only timed wait is th
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from gateway.payload_log.writer import LogMetrics, LogWriter, WriterLimits
 from gateway.records import Exchange, PayloadPolicy, as_text, decode_tensors
 from gateway.redis_connection import client_options
 from tests.conftest import GatewayProcess, RedisServer, free_port, start_gateway, write_config
+from tests.polling import wait_for
 
 MODEL = "tabular"
 STREAM = "gatewatch:log:tabular"
@@ -45,22 +45,6 @@ Entry = dict[str, str]
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-
-
-async def wait_for(
-    condition: Callable[[], bool | Awaitable[bool]], within: float, what: str, interval: float = 0.05
-) -> None:
-    """Poll `condition` until it holds; fail with `what` after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        result = condition()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(interval)  # polling interval, not synchronisation
 
 
 def tabular_body(x: np.ndarray) -> dict[str, Any]:

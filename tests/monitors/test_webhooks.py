@@ -7,12 +7,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import inspect
 import json
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -26,6 +25,7 @@ from monitors.metrics import MonitorMetrics
 from monitors.webhooks import RetryPolicy, WebhookSender, signature, verify
 from tests.conftest import RedisServer
 from tests.monitors.helpers import WebhookReceiver
+from tests.polling import wait_for
 
 SECRET = b"shared-secret"
 
@@ -46,19 +46,6 @@ def test_backoff_grows_with_full_jitter_and_a_cap() -> None:
     assert all(0 <= d <= min(4.0, 0.5 * 2**retry) for retry, ds in enumerate(delays) for d in ds)
     assert max(delays[6]) > 2.0 > max(delays[0])
     assert policy.longest == pytest.approx(8 * 1.0 + 0.5 + 1 + 2 + 4 + 4 + 4 + 4)
-
-
-async def wait_until(condition: Callable[[], bool | Awaitable[bool]], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        result = condition()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)  # polling interval, not synchronisation
 
 
 @pytest.fixture
@@ -106,7 +93,7 @@ async def test_alert_is_delivered_signed_from_the_outbox(aredis: aioredis.Redis,
     delivery, stop, task, registry, client = await start_delivery(aredis, [receiver.url], RetryPolicy(), retrain)
     body = event("retrain.requested")
     await aredis.xadd(ALERTS_STREAM, {"event": body})
-    await wait_until(lambda: len(receiver.delivered()) == 2, 10, "delivery to both receivers")
+    await wait_for(lambda: len(receiver.delivered()) == 2, 10, "delivery to both receivers")
     paths = sorted(r.path for r in receiver.delivered())
     assert paths == ["/hook", "/hook?retrain"]
     for request in receiver.delivered():
@@ -115,7 +102,7 @@ async def test_alert_is_delivered_signed_from_the_outbox(aredis: aioredis.Redis,
         assert verify(SECRET, request.headers["X-Gatewatch-Timestamp"], request.body,
                       request.headers["X-Gatewatch-Signature"])
         assert abs(int(request.headers["X-Gatewatch-Timestamp"]) - time.time()) < 60
-    await wait_until(lambda: _pending(aredis), 5, "the alert acknowledged")
+    await wait_for(lambda: _pending(aredis), 5, "the alert acknowledged")
     stop.set()
     await task
     await client.aclose()
@@ -133,14 +120,14 @@ async def test_delivered_once_after_receiver_recovers(aredis: aioredis.Redis, re
     receiver.status = 503
     body = event()
     await aredis.xadd(ALERTS_STREAM, {"event": body})
-    await wait_until(lambda: len(receiver.requests) >= 2, 10, "tries answered 503")
+    await wait_for(lambda: len(receiver.requests) >= 2, 10, "tries answered 503")
     receiver.stop()
     await asyncio.sleep(1.0)  # the scenario: the receiver is unreachable for a while
     assert receiver.delivered() == []
     receiver.status = 200
     receiver.start()
-    await wait_until(lambda: len(receiver.delivered()) == 1, 15, "delivery after recovery")
-    await wait_until(lambda: _pending(aredis), 5, "the alert acknowledged")
+    await wait_for(lambda: len(receiver.delivered()) == 1, 15, "delivery after recovery")
+    await wait_for(lambda: _pending(aredis), 5, "the alert acknowledged")
     stop.set()
     await task
     await client.aclose()
@@ -158,8 +145,8 @@ async def test_dead_lettered_when_receiver_stays_down(aredis: aioredis.Redis, re
     _, stop, task, registry, client = await start_delivery(aredis, [receiver.url], policy)
     body = event()
     await aredis.xadd(ALERTS_STREAM, {"event": body})
-    await wait_until(lambda: _dead_letters(aredis), 15, "the dead-letter entry")
-    await wait_until(lambda: _pending(aredis), 5, "the alert acknowledged")
+    await wait_for(lambda: _dead_letters(aredis), 15, "the dead-letter entry")
+    await wait_for(lambda: _pending(aredis), 5, "the alert acknowledged")
     stop.set()
     await task
     await client.aclose()
