@@ -91,11 +91,3 @@ def _is_version_name(name: str) -> bool:
     """
     return name.isascii() and name.isdigit() and not name.startswith("0")
 
-
-def open_registry(uri: str) -> DirectoryRegistry:
-    """The registry for a settings value: a path or `file://` URI (MLflow arrives with its own backend)."""
-    if uri.startswith("file://"):
-        return DirectoryRegistry(Path(uri.removeprefix("file://")))
-    if "://" in uri:
-        raise ValueError(f"unsupported registry URI {uri!r}: expected a path, file://… or mlflow+http(s)://…")
-    return DirectoryRegistry(Path(uri))

@@ -23,7 +23,8 @@ from gateway.runtime.runner import SessionOptions
 from loadtests import onnx_models as om
 from registry_client.base import file_sha256, parse_version_ref
 from registry_client.errors import ArtifactRejected, RegistryUnavailable, VersionNotFound
-from registry_client.local import DirectoryRegistry, open_registry
+from registry_client.factory import open_registry
+from registry_client.local import DirectoryRegistry
 
 IDENTITY = om.identity("FP32").SerializeToString()
 
@@ -164,13 +165,14 @@ async def test_fetch_missing_version_raises_version_not_found(tmp_path: Path) ->
 
 
 def test_open_registry_accepts_path_and_file_uri(tmp_path: Path) -> None:
-    assert open_registry(str(tmp_path)).root == tmp_path
-    assert open_registry(f"file://{tmp_path}").root == tmp_path
+    for uri in (str(tmp_path), f"file://{tmp_path}"):
+        registry = open_registry(uri, tmp_path / "cache", {})
+        assert isinstance(registry, DirectoryRegistry) and registry.root == tmp_path
 
 
 def test_open_registry_unknown_scheme_is_refused() -> None:
     with pytest.raises(ValueError, match="unsupported registry URI 's3://bucket/models'"):
-        open_registry("s3://bucket/models")
+        open_registry("s3://bucket/models", Path("cache"), {})
 
 
 @pytest.mark.parametrize(
