@@ -21,7 +21,7 @@ from typing import Any, cast
 import numpy as np
 import onnxruntime as ort
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
 Scope = MutableMapping[str, Any]
@@ -55,8 +55,9 @@ def load_session(model: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def create_naive_app(model: Path) -> FastAPI:
-    session = load_session(model)
+def create_naive_app(models: dict[str, Path]) -> FastAPI:
+    """`models` maps a model name to its file; the name `*` serves any name not listed."""
+    sessions = {name: load_session(path) for name, path in models.items()}
     app = FastAPI()
 
     @app.get("/v2/health/ready")
@@ -67,6 +68,9 @@ def create_naive_app(model: Path) -> FastAPI:
     # would write it (a plain `def` would add a thread-pool hop per request), so the baseline is not a strawman.
     @app.post("/v2/models/{name}/infer")
     async def infer(name: str, request: InferRequest) -> dict[str, Any]:
+        session = sessions.get(name) or sessions.get("*")
+        if session is None:
+            raise HTTPException(status_code=404, detail=f"unknown model {name}")
         feeds = {t.name: np.array(t.data, dtype=np.float32).reshape(t.shape) for t in request.inputs}
         names = [output.name for output in session.get_outputs()]
         results = session.run(names, feeds)
@@ -77,6 +81,11 @@ def create_naive_app(model: Path) -> FastAPI:
         return {"model_name": name, "id": request.id, "outputs": outputs}
 
     return app
+
+
+def _model_arg(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    return (name, Path(path)) if sep else ("*", Path(text))
 
 
 def _datatype(array: np.ndarray) -> str:
@@ -168,12 +177,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("mode", choices=["naive", "bare", "raw"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--model", type=Path, help="ONNX model (naive only)")
+    parser.add_argument("--model", type=_model_arg, action="append", default=[],
+                        help="NAME=PATH (repeatable) or PATH for any name (naive only)")
     args = parser.parse_args(argv)
     if args.mode == "naive":
-        if args.model is None:
+        if not args.model:
             parser.error("naive needs --model")
-        _uvicorn(create_naive_app(args.model), args.host, args.port)
+        _uvicorn(create_naive_app(dict(args.model)), args.host, args.port)
     elif args.mode == "bare":
         _uvicorn(bare_app, args.host, args.port)
     else:

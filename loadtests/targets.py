@@ -1,0 +1,118 @@
+"""The issue's performance targets, computed from the samples: each within one repetition, then the median."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from statistics import median
+from typing import Literal
+
+from loadtests.measure import Cell, Sample
+
+Rep = dict[Cell, Sample]  # one repetition's samples by cell
+Metric = Literal["rps", "p50_ms", "p99_ms"]
+
+
+def _get(rep: Rep, variant: str, model: str, concurrency: int, metric: Metric) -> float | None:
+    sample = rep.get(Cell(variant, model, "json", concurrency))
+    return None if sample is None or sample.requests == 0 else float(getattr(sample, metric))
+
+
+def ratio(a: str, b: str, model: str, concurrency: int, metric: Metric) -> Callable[[Rep], float | None]:
+    def compute(rep: Rep) -> float | None:
+        x, y = _get(rep, a, model, concurrency, metric), _get(rep, b, model, concurrency, metric)
+        return None if x is None or y is None or y == 0 else x / y
+    return compute
+
+
+def difference(a: str, b: str, model: str, concurrency: int, metric: Metric) -> Callable[[Rep], float | None]:
+    def compute(rep: Rep) -> float | None:
+        x, y = _get(rep, a, model, concurrency, metric), _get(rep, b, model, concurrency, metric)
+        return None if x is None or y is None else x - y
+    return compute
+
+
+def cost(a: str, baseline: str, model: str, concurrency: int, metric: Metric,
+         higher_is_worse: bool) -> Callable[[Rep], float | None]:
+    """Relative cost of `a` against `baseline`: the throughput lost, or the latency added, as a fraction."""
+    of = ratio(a, baseline, model, concurrency, metric)
+
+    def compute(rep: Rep) -> float | None:
+        r = of(rep)
+        return None if r is None else (r - 1 if higher_is_worse else 1 - r)
+    return compute
+
+
+@dataclass(frozen=True)
+class Target:
+    text: str
+    compute: Callable[[Rep], float | None]
+    bound: float
+    at_least: bool  # the value must be >= bound (else <= bound)
+    unit: Literal["×", "ms", "%"]
+
+    def format(self, value: float) -> str:
+        if self.unit == "%":
+            return f"{value:.1%}"
+        return f"{value:.2f}×" if self.unit == "×" else f"{value:+.3f} ms"
+
+    @property
+    def condition(self) -> str:
+        return ("≥ " if self.at_least else "≤ ") + (f"{self.bound:.0%}" if self.unit == "%" else
+                                                    f"{self.bound:g}{' ms' if self.unit == 'ms' else '×'}")
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("tabular, c=64, logging on: gatewatch / naive FastAPI throughput",
+           ratio("gatewatch", "naive", "tabular", 64, "rps"), 2.0, True, "×"),
+    Target("tabular, c=64, logging on: gatewatch / bare uvicorn throughput",
+           ratio("gatewatch", "bare", "tabular", 64, "rps"), 0.35, True, "×"),
+    Target("tabular, c=1: gatewatch p50 − naive FastAPI p50",
+           difference("gatewatch", "naive", "tabular", 1, "p50_ms"), 0.3, False, "ms"),
+    Target("MLP, c=64: batching on / off throughput",
+           ratio("gatewatch", "gatewatch-nobatch", "mlp", 64, "rps"), 2.0, True, "×"),
+    Target("MLP, c=64: batching on / off p99",
+           ratio("gatewatch", "gatewatch-nobatch", "mlp", 64, "p99_ms"), 2.0, False, "×"),
+    Target("MLP, c=1: p50 batching on − off",
+           difference("gatewatch", "gatewatch-nobatch", "mlp", 1, "p50_ms"), 0.2, False, "ms"),
+    Target("tabular, c=64: throughput lost to logging (1 − on / off)",
+           cost("gatewatch", "gatewatch-nolog", "tabular", 64, "rps", higher_is_worse=False), 0.10, False, "%"),
+    Target("tabular, c=64: primary's p99 cost of a 100 % shadow (shadowed / plain − 1)",
+           cost("gatewatch-shadow", "gatewatch-plain", "tabular", 64, "p99_ms", higher_is_worse=True), 0.15, False,
+           "%"),
+)
+
+
+@dataclass(frozen=True)
+class TargetOutcome:
+    target: Target
+    values: list[float]  # one per repetition that measured every cell the target needs
+
+    @property
+    def met(self) -> bool | None:
+        if not self.values:
+            return None
+        value = median(self.values)
+        return value >= self.target.bound if self.target.at_least else value <= self.target.bound
+
+    def summary(self) -> str:
+        if not self.values:
+            return "not measured"
+        fmt = self.target.format
+        return f"{fmt(median(self.values))} ({fmt(min(self.values))} – {fmt(max(self.values))})"
+
+
+def by_rep(samples: Sequence[Sample]) -> list[Rep]:
+    reps: dict[int, Rep] = {}
+    for sample in samples:
+        reps.setdefault(sample.rep, {})[sample.cell] = sample
+    return [reps[r] for r in sorted(reps)]
+
+
+def evaluate(samples: Sequence[Sample]) -> list[TargetOutcome]:
+    reps = by_rep(samples)
+    outcomes = []
+    for target in TARGETS:
+        values = [v for rep in reps if (v := target.compute(rep)) is not None]
+        outcomes.append(TargetOutcome(target, values))
+    return outcomes
