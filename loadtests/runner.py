@@ -76,16 +76,18 @@ def _with_bar(console: Console, label: str, spec: LoadSpec,
 
 
 def result_table(title: str, result: LoadResult) -> Table:
-    table = Table(title=title, show_header=True)
-    for column in ("requests", "seconds", "req/s", *(f"p{p:g} ms" for p in PERCENTILES), "max ms", "statuses",
-                   "errors", "generator CPU"):
-        table.add_column(column, justify="right")
+    """One metric per line, so it stays readable in a narrow terminal."""
     h = result.histogram
-    statuses = ", ".join(f"{k}: {v}" for k, v in sorted(result.statuses.items())) or "-"
-    errors = ", ".join(f"{k}: {v}" for k, v in sorted(result.errors.items())) or "0"
-    table.add_row(f"{result.requests:,}", f"{result.seconds:.2f}", f"{result.rps:,.0f}",
-                  *(f"{h.percentile_ms(p):.3f}" for p in PERCENTILES), f"{h.max_ms:.3f}", statuses, errors,
-                  f"{result.generator_cpu:.0%}")
+    rows = [("requests", f"{result.requests:,} in {result.seconds:.2f} s"), ("req/s", f"{result.rps:,.0f}"),
+            *((f"p{p:g}", f"{h.percentile_ms(p):.3f} ms") for p in PERCENTILES), ("max", f"{h.max_ms:.3f} ms"),
+            ("statuses", ", ".join(f"{k}: {v:,}" for k, v in sorted(result.statuses.items())) or "-"),
+            ("errors", ", ".join(f"{k}: {v:,}" for k, v in sorted(result.errors.items())) or "0"),
+            ("generator CPU", f"{result.generator_cpu:.0%} of a core ({result.driver})")]
+    table = Table(title=title, show_header=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
     return table
 
 

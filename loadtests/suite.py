@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -185,7 +187,29 @@ def _profile(servers: dict[str, ManagedServer], options: SuiteOptions, workdir: 
     return profile_under_load(servers[w.GATEWATCH], target, concurrency, options.profile_seconds, workdir)
 
 
+@contextmanager
+def terminate_as_exit() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C (finally blocks run, so every server we started is stopped)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_now(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_suite(options: SuiteOptions, console: Console | None = None) -> SuiteOutcome:
+    with terminate_as_exit():
+        return _run_suite(options, console)
+
+
+def _run_suite(options: SuiteOptions, console: Console | None) -> SuiteOutcome:
     require_matplotlib()  # before minutes of measurements, not after
     console = console or Console(stderr=True)
     cells = plan(options)
