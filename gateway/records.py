@@ -110,47 +110,65 @@ def encode_exchange(exchange: Exchange, uid: str, policy: PayloadPolicy, sampled
 def _tensor_with_cap(
     name: str, datatype: str | None, array: np.ndarray, max_bytes: int
 ) -> tuple[dict[str, Any], bool]:
+    kind = array.dtype.kind
+    if kind in "OUS":
+        return _text_tensor_with_cap(name, datatype, array, max_bytes)
     flat = array.reshape(-1)
-    if array.dtype.kind in "OUS":
-        kept: list[str] = []
-        used = 0
-        for value in flat:
-            if isinstance(value, bytes):
-                used += len(value)
-                text = value.decode("utf-8", "replace")
-            else:
-                text = str(value)
-                used += len(text.encode("utf-8", "replace"))  # the cap is in bytes, like a numeric tensor's
-            if used > max_bytes:
-                return _tensor(name, datatype or "BYTES", array, kept), True
-            kept.append(text)
-        return _tensor(name, datatype or "BYTES", array, kept), False
-    limit = max(max_bytes // max(array.dtype.itemsize, 1), 0)
-    if flat.size > limit:
-        return _tensor(name, datatype, array, _json_ready(flat[:limit])), True
-    return _tensor(name, datatype, array, _json_ready(flat)), False
+    if flat.dtype == np.float16:  # orjson writes float16 too, but as float32 keeps the logged values exact
+        flat = flat.astype(np.float32)
+    limit = max_bytes // array.dtype.itemsize
+    truncated = flat.size > limit
+    data = flat[:limit] if truncated else flat
+    # orjson serializes C-contiguous arrays natively (no Python object per element).
+    tensor = {
+        "name": name,
+        "shape": array.shape,
+        "datatype": datatype or _datatype(array),
+        "data": data if data.flags.c_contiguous else np.ascontiguousarray(data),
+    }
+    return tensor, truncated
+
+
+def _text_tensor_with_cap(
+    name: str, datatype: str | None, array: np.ndarray, max_bytes: int
+) -> tuple[dict[str, Any], bool]:
+    kept: list[str] = []
+    used = 0
+    for value in array.reshape(-1):
+        if isinstance(value, bytes):
+            used += len(value)
+            text = value.decode("utf-8", "replace")
+        else:
+            text = str(value)
+            used += len(text.encode("utf-8", "replace"))  # the cap is in bytes, like a numeric tensor's
+        if used > max_bytes:
+            return _tensor(name, datatype or "BYTES", array, kept), True
+        kept.append(text)
+    return _tensor(name, datatype or "BYTES", array, kept), False
 
 
 def _tensor(name: str, datatype: str | None, array: np.ndarray, data: object) -> dict[str, Any]:
     return {
         "name": name,
-        "shape": list(array.shape),
+        "shape": array.shape,
         "datatype": datatype or _datatype(array),
         "data": data,
     }
 
 
-def _json_ready(flat: np.ndarray) -> np.ndarray:
-    if flat.dtype == np.float16:
-        flat = flat.astype(np.float32)
-    return np.ascontiguousarray(flat)
-
-
 _KIND_DATATYPES = {("b", 1): "BOOL", ("f", 2): "FP16", ("f", 4): "FP32", ("f", 8): "FP64"}
+_DATATYPES: dict[np.dtype[Any], str] = {}  # filled lazily: one lookup per tensor instead of string building
 
 
 def _datatype(array: np.ndarray) -> str:
-    kind, size = array.dtype.kind, array.dtype.itemsize
+    known = _DATATYPES.get(array.dtype)
+    if known is None:
+        known = _DATATYPES[array.dtype] = _datatype_of(array.dtype)
+    return known
+
+
+def _datatype_of(dtype: np.dtype[Any]) -> str:
+    kind, size = dtype.kind, dtype.itemsize
     if kind in "iu":
         return f"{'UINT' if kind == 'u' else 'INT'}{size * 8}"
     return _KIND_DATATYPES.get((kind, size), "BYTES")

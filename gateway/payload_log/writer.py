@@ -1,9 +1,9 @@
 """LogWriter: every request and its answer into Redis streams, without slowing the response or losing a record.
 
 The request path only appends to a bounded in-memory queue (`log()`, `feedback()`: no await, no I/O). One
-background task drains it in batches of pipelined `XADD … MAXLEN ~ N`. When Redis fails or is too slow, the
+background task drains it in batches, each one round trip to Redis (`appender.py`). When Redis fails or is too slow, the
 batch goes to the disk spool and the writer switches to spooling until a PING succeeds; it then replays the spool
-in order (and only then resumes direct writes, so per-process order holds). A pipeline cut off mid-way may have
+in order (and only then resumes direct writes, so per-process order holds). A batch cut off mid-way may have
 written part of its batch: those records are spooled with the time of the attempt, and before replaying them
 the writer reads the stream from that time on and skips the `uid`s already there.
 """
@@ -29,6 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.payload_log.appender import StreamAppender
 from gateway.payload_log.spool import Cursor, Spool, SpooledRecord, orphaned_spools
 from gateway.records import Exchange, PayloadPolicy, encode_exchange, log_stream
 
@@ -81,6 +82,7 @@ class LogWriter:
         policy_for: Callable[[str], PayloadPolicy],
     ) -> None:
         self._redis = redis
+        self._appender = StreamAppender(redis, limits.maxlen)
         self._spool_dir = spool_dir
         self._spool = Spool.for_process(spool_dir, limits.spool_max_bytes)
         self._metrics = metrics
@@ -160,7 +162,7 @@ class LogWriter:
                 async with asyncio.timeout(timeout):
                     await self._wakeup.wait()
         if 0 < len(self._queue) < self._limits.batch_size and not self._closing and self._limits.linger > 0:
-            await asyncio.sleep(self._limits.linger)  # let a trickle of records share one pipelined round trip
+            await asyncio.sleep(self._limits.linger)  # let a trickle of records share one round trip
         limit = self._limits.batch_size * (_OUTAGE_BATCH_FACTOR if self._outage else 1)
         taken = [self._queue.popleft() for _ in range(min(len(self._queue), limit))]
         self._metrics.queue_depth.set(len(self._queue))
@@ -185,16 +187,9 @@ class LogWriter:
         await self._to_spool([SpooledRecord(r.stream, r.fields, attempted) for r in batch])
 
     async def _write(self, records: Iterable[SpooledRecord]) -> bool:
-        pipe = self._redis.pipeline(transaction=False)
-        count = 0
-        for record in records:
-            pipe.xadd(record.stream, record.fields, maxlen=self._limits.maxlen, approximate=True)  # type: ignore[arg-type]
-            count += 1
-        if not count:
-            return True
         try:
             async with asyncio.timeout(self._limits.write_timeout):
-                await pipe.execute()
+                await self._appender.append((record.stream, record.fields) for record in records)
         except _UNREACHABLE as exc:
             logger.warning("redis write failed (%s: %s); spooling to %s", type(exc).__name__, exc, self._spool.path)
             return False
@@ -266,7 +261,7 @@ class LogWriter:
     async def _not_yet_written(
         self, records: list[SpooledRecord], chunk_attempted_ms: int | None
     ) -> list[SpooledRecord] | None:
-        """Drop records a cut-off pipeline already delivered; None if Redis failed while checking."""
+        """Drop records a cut-off batch already delivered; None if Redis failed while checking."""
         since: dict[str, int] = {}
         for record in records:
             attempted = record.attempted_ms or chunk_attempted_ms
