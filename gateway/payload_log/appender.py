@@ -59,7 +59,7 @@ class StreamAppender:
 
     async def _run(self, sha: str, grouped: dict[str, list[Mapping[str, str]]]) -> int:
         commands = [_pack(sha, stream, self._maxlen, fields) for stream, fields in grouped.items()]
-        connection: AbstractConnection = await self._redis.connection_pool.get_connection()
+        connection: AbstractConnection = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             await connection.send_packed_command(b"".join(commands), check_health=False)
             # Read every reply even after an error one, so the connection goes back to the pool clean.
@@ -95,5 +95,6 @@ def _pack(sha: str, stream: str, maxlen: int, entries: Sequence[Mapping[str, str
         arguments.append(2 * len(fields))
         for pair in fields.items():
             arguments.extend(pair)
-    packed: bytes = hiredis.pack_command(tuple(arguments))
+    # hiredis's stub types the argument as a one-element tuple; any length is accepted.
+    packed: bytes = hiredis.pack_command(tuple(arguments))  # type: ignore[arg-type]
     return packed
