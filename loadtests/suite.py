@@ -29,7 +29,7 @@ from loadtests.plots import require_matplotlib, write_plots
 from loadtests.profiling import Profile, profile_under_load
 from loadtests.report import Environment, collect_environment, render_report
 from loadtests.result import LoadSpec
-from loadtests.servers import ManagedServer, running_servers
+from loadtests.servers import ManagedServer, redis_service, running_servers
 from loadtests.target import HttpTarget, encode_request
 
 
@@ -222,21 +222,28 @@ def _run_suite(options: SuiteOptions, console: Console | None) -> SuiteOutcome:
         workdir = Path(tmp)
         models = w.build_registry(workdir / "models")
         names = {_variant(c.variant).server for c in cells}
-        specs = w.server_specs(names, workdir, workdir / "models", models)
-        with running_servers(specs, workdir, cpus.server) as servers, pinned(cpus.generator):
-            checks = [w.check_answers(servers, model) for model in options.models]
-            inprocess = measure_inprocess(models, options)
-            with _progress(console) as progress:
-                task = progress.add_task("suite", total=len(cells) * options.runs)
-
-                def tick(line: str) -> None:
-                    progress.console.print(line, highlight=False)
-                    progress.advance(task)
-
-                samples = measure_matrix(servers, cells, options, tick)
-            profile = _profile(servers, options, workdir)
+        with redis_service(workdir, cpus.generator) as redis_url:
+            specs = w.server_specs(names, workdir, workdir / "models", models, redis_url)
+            with running_servers(specs, workdir, cpus.server) as servers, pinned(cpus.generator):
+                checks, inprocess, samples, profile = _measure(servers, models, cells, options, console, workdir)
     env = collect_environment(options.command, cpus, driver, "; ".join(checks), loadavg_before)
     return write_outputs(options, env, samples, inprocess, profile)
+
+
+def _measure(servers: dict[str, ManagedServer], models: dict[str, Path], cells: list[Cell], options: SuiteOptions,
+             console: Console, workdir: Path
+             ) -> tuple[list[str], list[w.InProcessResult], list[Sample], Profile | None]:
+    checks = [w.check_answers(servers, model) for model in options.models]
+    inprocess = measure_inprocess(models, options)
+    with _progress(console) as progress:
+        task = progress.add_task("suite", total=len(cells) * options.runs)
+
+        def tick(line: str) -> None:
+            progress.console.print(line, highlight=False)
+            progress.advance(task)
+
+        samples = measure_matrix(servers, cells, options, tick)
+    return checks, inprocess, samples, _profile(servers, options, workdir)
 
 
 def _progress(console: Console) -> Progress:

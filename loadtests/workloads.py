@@ -94,7 +94,8 @@ def gatewatch_config(workdir: Path, registry: Path, name: str) -> Path:
     return path
 
 
-def server_specs(names: set[str], workdir: Path, registry: Path, models: dict[str, Path]) -> dict[str, ServerSpec]:
+def server_specs(names: set[str], workdir: Path, registry: Path, models: dict[str, Path],
+                 redis_url: str | None = None) -> dict[str, ServerSpec]:
     baseline = [sys.executable, "-m", "loadtests.baselines"]
     env = {GATEWATCH: {}, GATEWATCH_NOLOG: {"GATEWATCH_LOG_ENABLED": "false"},
            GATEWATCH_NOBATCH: {"GATEWATCH_MAX_BATCH_SIZE": "1"}}  # 1 row per run: the batcher never stacks
@@ -103,6 +104,8 @@ def server_specs(names: set[str], workdir: Path, registry: Path, models: dict[st
         config = gatewatch_config(workdir, registry, name)
         argv = [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--config", str(config),
                 "--log-level", "warning"]
+        if redis_url is not None:  # else each gatewatch starts its embedded Redis beside it
+            extra_env = {**extra_env, "GATEWATCH_REDIS_URL": redis_url}
         specs[name] = ServerSpec(argv, extra_env, workdir / name)
     naive_models = [f"--model={model}={path}" for model, path in models.items()]
     specs[NAIVE] = ServerSpec([*baseline, NAIVE, *naive_models])
