@@ -113,18 +113,16 @@ def _tensor_with_cap(
     kind = array.dtype.kind
     if kind in "OUS":
         return _text_tensor_with_cap(name, datatype, array, max_bytes)
-    flat = array.reshape(-1)
-    if flat.dtype == np.float16:  # orjson writes float16 too, but as float32 keeps the logged values exact
+    flat = array.ravel()  # C-contiguous (copied only if needed): orjson writes it natively, no object per element
+    if flat.dtype.char == "e":  # float16: written as float32, which orjson prints exactly
         flat = flat.astype(np.float32)
     limit = max_bytes // array.dtype.itemsize
     truncated = flat.size > limit
-    data = flat[:limit] if truncated else flat
-    # orjson serializes C-contiguous arrays natively (no Python object per element).
     tensor = {
         "name": name,
         "shape": array.shape,
         "datatype": datatype or _datatype(array),
-        "data": data if data.flags.c_contiguous else np.ascontiguousarray(data),
+        "data": flat[:limit] if truncated else flat,
     }
     return tensor, truncated
 

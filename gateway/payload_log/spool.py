@@ -13,15 +13,14 @@ import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 import orjson
 
 SUFFIX = ".spool"
 
 
-@dataclass(frozen=True)
-class SpooledRecord:
+class SpooledRecord(NamedTuple):  # a tuple, not a dataclass: one is built per log record on the event loop
     stream: str
     fields: dict[str, str]
     attempted_ms: int | None
