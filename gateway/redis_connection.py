@@ -45,6 +45,9 @@ def client_options(socket_timeout: float) -> dict[str, Any]:
         "retry": AsyncRetry(NoBackoff(), 0),
         "decode_responses": False,
         "health_check_interval": 5,
+        # RESP2, stated: redis-py 8.1 skips its check for connections the server closed unless the protocol is
+        # given (redis/redis-py#4260), so the first command after a Redis restart failed and a batch spooled.
+        "protocol": 2,
     }
 
 
