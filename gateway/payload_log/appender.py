@@ -13,8 +13,9 @@ also runs on Redis Cluster, where each stream may live on another node. Order wi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import hiredis
 from redis.asyncio import Redis
@@ -39,14 +40,30 @@ return (#ARGV - first_value + 1) / width
 """
 
 
+class Entry(NamedTuple):
+    """One stream entry: its field names and their values, apart, so that records sharing one names tuple
+    (every log record) are grouped by identity and the names are sent once per batch."""
+
+    stream: str
+    names: tuple[str, ...]
+    values: Sequence[str]
+
+    @classmethod
+    def of(cls, stream: str, fields: Mapping[str, str]) -> Entry:
+        return cls(stream, tuple(fields), tuple(fields.values()))
+
+    def as_dict(self) -> dict[str, str]:
+        return dict(zip(self.names, self.values, strict=True))
+
+
 class StreamAppender:
     def __init__(self, redis: Redis, maxlen: int) -> None:
         self._redis = redis
         self._maxlen = maxlen
         self._sha: str | None = None
 
-    async def append(self, entries: Iterable[tuple[str, Mapping[str, str]]]) -> int:
-        """XADD every (stream, fields) in order per stream; raises what Redis or the connection raise."""
+    async def append(self, entries: Iterable[Entry]) -> int:
+        """XADD every entry, in order within each stream; raises what Redis or the connection raise."""
         grouped = _by_stream(entries)
         if not grouped:
             return 0
@@ -86,17 +103,16 @@ async def _reply(connection: AbstractConnection) -> object:
         return error
 
 
-def _by_stream(entries: Iterable[tuple[str, Mapping[str, str]]]) -> list[_Group]:
+def _by_stream(entries: Iterable[Entry]) -> list[_Group]:
     """Consecutive entries of a stream with the same field names form one group (one command), in order."""
     groups: list[_Group] = []
     last: dict[str, _Group] = {}
-    for stream, fields in entries:
-        names = tuple(fields)
+    for stream, names, values in entries:
         group = last.get(stream)
-        if group is None or group.names != names:
+        if group is None or (group.names is not names and group.names != names):
             group = last[stream] = _Group(stream, names, [])
             groups.append(group)
-        group.values.extend(fields.values())
+        group.values.extend(values)
     return groups
 
 

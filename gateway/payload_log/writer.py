@@ -29,9 +29,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.payload_log.appender import StreamAppender
+from gateway.payload_log.appender import Entry, StreamAppender
 from gateway.payload_log.spool import Cursor, Spool, SpooledRecord, orphaned_spools
-from gateway.records import Exchange, PayloadPolicy, encode_exchange, log_stream
+from gateway.records import LOG_FIELDS, Exchange, PayloadPolicy, exchange_values, log_stream
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +64,8 @@ class LogMetrics:
         self.spool_bytes = spool_bytes
 
 
-@dataclass(slots=True)
-class _Queued:
-    uid: str
-    stream: str
-    body: Exchange | dict[str, str]
-    sampled_in: bool
+# A queued record: its stream, the exchange (or feedback fields), the payload policy and the sampling draw.
+_Queued = tuple[str, "Exchange | dict[str, str]", PayloadPolicy | None, bool]
 
 
 class LogWriter:
@@ -103,18 +99,17 @@ class LogWriter:
     def log(self, exchange: Exchange) -> None:
         policy = self._policy_for(exchange.endpoint)
         sampled_in = policy.sample >= 1.0 or random.random() < policy.sample
-        self._enqueue(log_stream(exchange.endpoint), exchange, sampled_in)
+        self._enqueue((log_stream(exchange.endpoint), exchange, policy, sampled_in))
 
     def feedback(self, stream: str, fields: dict[str, str]) -> None:
-        self._enqueue(stream, fields, True)
+        self._enqueue((stream, fields, None, True))
 
-    def _enqueue(self, stream: str, body: Exchange | dict[str, str], sampled_in: bool) -> None:
+    def _enqueue(self, item: _Queued) -> None:
         if len(self._queue) >= self._limits.queue_size:
             self._metrics.dropped.inc()
-            logger.error("log queue full (%d records): dropping a record for %s", len(self._queue), stream)
+            logger.error("log queue full (%d records): dropping a record for %s", len(self._queue), item[0])
             return
-        uid = f"{self._uid_prefix}-{next(self._sequence)}"
-        self._queue.append(_Queued(uid, stream, body, sampled_in))
+        self._queue.append(item)
         if not self._wakeup.is_set():
             self._wakeup.set()
 
@@ -154,7 +149,7 @@ class LogWriter:
                     await self._recover()
                 return
 
-    async def _next_batch(self) -> list[SpooledRecord]:
+    async def _next_batch(self) -> list[Entry]:
         if not self._queue and not self._closing:
             self._wakeup.clear()
             timeout = _PROBE_INTERVAL if self._spool.size else None
@@ -164,18 +159,23 @@ class LogWriter:
         if 0 < len(self._queue) < self._limits.batch_size and not self._closing and self._limits.linger > 0:
             await asyncio.sleep(self._limits.linger)  # let a trickle of records share one round trip
         limit = self._limits.batch_size * (_OUTAGE_BATCH_FACTOR if self._outage else 1)
-        taken = [self._queue.popleft() for _ in range(min(len(self._queue), limit))]
+        popleft = self._queue.popleft
+        batch = [self._encode(popleft()) for _ in range(min(len(self._queue), limit))]
         self._metrics.queue_depth.set(len(self._queue))
-        return [SpooledRecord(item.stream, self._encode(item), None) for item in taken]
+        return batch
 
-    def _encode(self, item: _Queued) -> dict[str, str]:
-        if isinstance(item.body, dict):
-            return {"uid": item.uid, **item.body}
-        return encode_exchange(item.body, item.uid, self._policy_for(item.body.endpoint), item.sampled_in)
+    def _encode(self, item: _Queued) -> Entry:
+        # The uid is drawn here, in queue order, so that it is unique per process and ordered like the records.
+        stream, body, policy, sampled_in = item
+        uid = f"{self._uid_prefix}-{next(self._sequence)}"
+        if isinstance(body, dict):
+            return Entry.of(stream, {"uid": uid, **body})
+        assert policy is not None
+        return Entry(stream, LOG_FIELDS, exchange_values(body, uid, policy, sampled_in))
 
-    async def _deliver(self, batch: list[SpooledRecord]) -> None:
+    async def _deliver(self, batch: list[Entry]) -> None:
         if self._outage or self._spool.size:
-            await self._to_spool(batch)  # keep order: nothing overtakes what is already spooled
+            await self._to_spool(_spooled(batch, None))  # keep order: nothing overtakes what is already spooled
             if not self._closing:
                 await self._recover()
             return
@@ -184,12 +184,12 @@ class LogWriter:
             self._metrics.written.inc(len(batch))
             return
         self._enter_outage()
-        await self._to_spool([SpooledRecord(r.stream, r.fields, attempted) for r in batch])
+        await self._to_spool(_spooled(batch, attempted))
 
-    async def _write(self, records: Iterable[SpooledRecord]) -> bool:
+    async def _write(self, entries: Iterable[Entry]) -> bool:
         try:
             async with asyncio.timeout(self._limits.write_timeout):
-                await self._appender.append((record.stream, record.fields) for record in records)
+                await self._appender.append(entries)
         except _UNREACHABLE as exc:
             logger.warning("redis write failed (%s: %s); spooling to %s", type(exc).__name__, exc, self._spool.path)
             return False
@@ -251,7 +251,7 @@ class LogWriter:
             if pending is None:
                 return False
             attempted = _now_ms()
-            if not await self._write(pending):
+            if not await self._write(Entry.of(r.stream, r.fields) for r in pending):
                 await asyncio.to_thread(save_cursor, Cursor(cursor.offset, cursor.attempted_ms or attempted))
                 return False
             self._metrics.replayed.inc(len(records))
@@ -319,6 +319,10 @@ class LogWriter:
                 cursor = Cursor()
             await self._to_spool(records)
         await asyncio.to_thread(orphan.clear)
+
+
+def _spooled(batch: list[Entry], attempted_ms: int | None) -> list[SpooledRecord]:
+    return [SpooledRecord(entry.stream, entry.as_dict(), attempted_ms) for entry in batch]
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:

@@ -19,7 +19,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from gateway.payload_log.appender import APPEND_SCRIPT, StreamAppender
+from gateway.payload_log.appender import APPEND_SCRIPT, Entry, StreamAppender
 from gateway.redis_connection import client_options
 from tests.conftest import RedisServer
 from tests.polling import wait_for
@@ -29,7 +29,7 @@ OTHER = "gatewatch:log:appender-b"
 CANCELLED = "gatewatch-test-cancelled-append"
 SCRIPT_SHA = hashlib.sha1(APPEND_SCRIPT.encode()).hexdigest()
 
-Entry = tuple[str, Mapping[str, str]]
+Pair = tuple[str, Mapping[str, str]]
 Raw = dict[bytes, bytes]
 
 
@@ -57,7 +57,11 @@ def as_bytes(fields: Mapping[str, str]) -> Raw:
     return {name.encode(): value.encode() for name, value in fields.items()}
 
 
-def records(stream: str, count: int, tag: str = "") -> list[Entry]:
+def entries(batch: list[Pair]) -> list[Entry]:
+    return [Entry.of(stream, fields) for stream, fields in batch]
+
+
+def records(stream: str, count: int, tag: str = "") -> list[Pair]:
     return [(stream, {"uid": f"{tag}{stream}-{i}", "n": str(i)}) for i in range(count)]
 
 
@@ -70,7 +74,7 @@ async def test_interleaved_streams_each_get_their_own_entries_in_order_byte_exac
     large = "".join(chr(0x20 + i % 0x5F) for i in range(100_000)) + "ü€𝄞"  # ~100 KB, multibyte tail
     # Runs of entries sharing their field names (one command each, names sent once), broken by the other
     # stream, by other names and by the same names in another order: every entry must come back as it went.
-    batch: list[Entry] = [
+    batch: list[Pair] = [
         (LOG, {"uid": "a-0", "text": "naïve café — 日本語 🚀", "empty": ""}),
         (OTHER, {"uid": "b-0", "ключ": "значение", "": "empty name"}),
         (LOG, {"uid": "a-1", "text": large, "empty": ""}),
@@ -84,7 +88,7 @@ async def test_interleaved_streams_each_get_their_own_entries_in_order_byte_exac
     ]
     appender = StreamAppender(connect(), maxlen=10_000)
 
-    added = await appender.append(entry for entry in batch)  # the writer passes a generator
+    added = await appender.append(Entry.of(name, fields) for name, fields in batch)  # the writer passes a generator
 
     assert added == len(batch)
     for stream in (LOG, OTHER):
@@ -107,12 +111,12 @@ async def test_script_flush_between_appends_reloads_the_script(
 ) -> None:
     appender = StreamAppender(connect(), maxlen=10_000)
     first, second = records(LOG, 3, "first-"), records(LOG, 4, "second-") + records(OTHER, 2, "second-")
-    assert await appender.append(first) == 3
+    assert await appender.append(entries(first)) == 3
 
     redis_client.script_flush()  # what a Redis restart without AOF does to the script cache too
     assert redis_client.script_exists(SCRIPT_SHA) == [False]
 
-    assert await appender.append(second) == 6  # NOSCRIPT, load, run again: each entry once
+    assert await appender.append(entries(second)) == 6  # NOSCRIPT, load, run again: each entry once
     assert stored(redis_client, LOG) == [as_bytes(fields) for _, fields in first + second[:4]]
     assert stored(redis_client, OTHER) == [as_bytes(fields) for _, fields in second[4:]]
     assert redis_client.script_exists(SCRIPT_SHA) == [True]
@@ -132,9 +136,9 @@ async def test_after_a_redis_restart_the_first_append_succeeds(
     states RESP2, without which redis-py 8.1 hands out the dead socket once: redis/redis-py#4260)."""
     appender = StreamAppender(connect(max_connections=1), maxlen=10_000)
     before, after = records(LOG, 5, "before-"), records(LOG, 5, "after-")
-    assert await appender.append(before) == 5  # script loaded, the one pooled connection open
+    assert await appender.append(entries(before)) == 5  # script loaded, the one pooled connection open
     await restart(redis_server)
-    assert await appender.append(after) == 5  # reconnected, NOSCRIPT, script loaded again, run once
+    assert await appender.append(entries(after)) == 5  # reconnected, NOSCRIPT, script loaded again, run once
     assert stored(redis_client, LOG) == [as_bytes(fields) for _, fields in before + after]
     assert redis_client.script_exists(SCRIPT_SHA) == [True]
 
@@ -149,13 +153,13 @@ async def test_a_wrongtype_stream_fails_the_append_but_not_the_other_streams_nor
     redis_client.set(bad, "a plain string")
     client = connect(max_connections=1)
     appender = StreamAppender(client, maxlen=10_000)
-    assert await appender.append(records(LOG, 1, "warm-")) == 1
+    assert await appender.append(entries(records(LOG, 1, "warm-"))) == 1
     connection_id = await client.client_id()  # the one pooled connection, which the appender also uses
 
     # The bad stream's command goes first: its error reply must not stop the good stream's reply being read.
     batch = [(bad, {"uid": "x-0"}), *records(LOG, 3), (bad, {"uid": "x-1"}), *records(OTHER, 2)]
     with pytest.raises(ResponseError, match="WRONGTYPE"):
-        await appender.append(batch)
+        await appender.append(entries(batch))
 
     # Not transactional: one EVALSHA per stream, so the good streams are written although the append raised.
     # The writer relies on this being visible: it spools the whole batch and, before replaying it, skips the
@@ -165,7 +169,7 @@ async def test_a_wrongtype_stream_fails_the_append_but_not_the_other_streams_nor
     assert redis_client.get(bad) == b"a plain string"
 
     # Every reply was read, so the same connection serves the next append: no reconnection, nothing left over.
-    assert await appender.append(records(OTHER, 2, "next-")) == 2
+    assert await appender.append(entries(records(OTHER, 2, "next-"))) == 2
     assert await client.client_id() == connection_id
     assert stored(redis_client, OTHER)[2:] == [as_bytes(f) for _, f in records(OTHER, 2, "next-")]
 
@@ -182,7 +186,7 @@ async def test_maxlen_trims_approximately_and_keeps_the_newest_entries(
     appender = StreamAppender(connect(), maxlen=cap)
     batch = records(LOG, count)
 
-    assert await appender.append(batch) == count
+    assert await appender.append(entries(batch)) == count
 
     length = redis_client.xlen(LOG)
     # `MAXLEN ~` drops whole radix-tree nodes only: never below the cap, at most about one node above it.
@@ -197,12 +201,12 @@ async def test_cancelled_mid_append_leaves_the_pool_usable(
     connect: Callable[..., aioredis.Redis], redis_client: redis.Redis
 ) -> None:
     appender = StreamAppender(connect(max_connections=1, client_name=CANCELLED), maxlen=1_000_000)
-    assert await appender.append(records(OTHER, 1, "warm-")) == 1  # script cached, the one connection open
+    assert await appender.append(entries(records(OTHER, 1, "warm-"))) == 1  # script cached, the one connection open
     big = [(LOG, {"uid": f"big-{i}", "payload": "v" * 1_000}) for i in range(8_000)]  # ~8 MB: many socket writes
 
     with pytest.raises(TimeoutError) as raised:
         async with asyncio.timeout(0):  # cancels at the append's first suspension: sending the 8 MB
-            await appender.append(big)
+            await appender.append(entries(big))
 
     cancelled = raised.value.__cause__
     assert isinstance(cancelled, asyncio.CancelledError)
@@ -212,7 +216,7 @@ async def test_cancelled_mid_append_leaves_the_pool_usable(
     # One connection in the pool: it was given back (else "Too many connections"), and not as it was, or the
     # rest of the big command would swallow this one, or its reply would answer this one's read.
     following = records(OTHER, 3, "after-")
-    assert await appender.append(following) == 3
+    assert await appender.append(entries(following)) == 3
     assert stored(redis_client, OTHER)[1:] == [as_bytes(fields) for _, fields in following]
 
     # The cancelled connection is closed, but asyncio's close() still flushes what the transport had buffered:
