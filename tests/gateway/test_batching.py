@@ -507,6 +507,27 @@ async def test_aclose_answers_what_was_queued(lab: Lab) -> None:
     assert sum(observer.runs) == 9
 
 
+async def test_a_batch_held_open_goes_when_no_more_requests_arrive(lab: Lab) -> None:
+    # Two requests show concurrency, but no third comes: waiting the whole delay for rows that never arrive
+    # would stall every closed-loop client below max_batch_size (c=8 at half the throughput of a plain app).
+    batcher, observer = lab.batcher("identity", max_queue_delay_ms=3_000, max_batch_size=MAX_BATCH)
+    async with asyncio.timeout(2.0):  # the arrival gap is a tenth of the delay; the full delay would time out
+        results = await asyncio.gather(*(batcher.infer({"x": ones(1, start=i)}, 1, None) for i in range(2)))
+    for i, (y,) in enumerate(results):
+        np.testing.assert_array_equal(y, ones(1, start=i))
+    assert observer.runs == [2]
+
+
+async def test_requests_arriving_while_a_batch_is_held_open_join_it(lab: Lab) -> None:
+    batcher, observer = lab.batcher("identity", max_queue_delay_ms=3_000, max_batch_size=MAX_BATCH)
+    first = [asyncio.create_task(batcher.infer({"x": ones(1, start=i)}, 1, None)) for i in range(2)]
+    await poll(lambda: bool(observer.depths) and batcher.depth == 0, what="the pair taken into a batch")
+    late = asyncio.create_task(batcher.infer({"x": ones(1, start=2)}, 1, None))
+    async with asyncio.timeout(10):
+        await asyncio.gather(*first, late)
+    assert observer.runs == [3]  # the late request came within the gap, so it rode in the same run
+
+
 async def test_aclose_answers_a_batch_held_open_for_company(lab: Lab) -> None:
     # Two requests show concurrency, so the batcher holds their batch open (up to a minute) for more company.
     batcher, observer = lab.batcher("identity", max_queue_delay_ms=60_000, max_batch_size=MAX_BATCH)
