@@ -124,11 +124,7 @@ def exchange_values(exchange: Exchange, uid: str, policy: PayloadPolicy, sampled
 def _tensor_with_cap(
     name: str, datatype: str | None, array: np.ndarray, max_bytes: int
 ) -> tuple[dict[str, Any], bool]:
-    dtype = array.dtype
-    if dtype.kind in "biuf" and dtype.char != "e" and array.nbytes <= max_bytes:  # the common case, in full
-        tensor = {"name": name, "shape": array.shape, "datatype": datatype or _datatype(array), "data": array.ravel()}
-        return tensor, False
-    if dtype.kind in "OUS":
+    if array.dtype.kind in "OUS":
         return _text_tensor_with_cap(name, datatype, array, max_bytes)
     flat = array.ravel()  # C-contiguous (copied only if needed): orjson writes it natively, no object per element
     if flat.dtype.char == "e":  # float16: written as float32, which orjson prints exactly

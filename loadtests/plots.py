@@ -48,15 +48,19 @@ def throughput_plot(samples: Sequence[Sample], models: Sequence[str], labels: di
             high = [max(s.rps for s in by_c[c]) - m for m, c in zip(mid, cs, strict=True)]
             ax.errorbar(cs, mid, yerr=[low, high], marker="o", capsize=3, label=labels.get(variant, variant))
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrency (connections)")
-        ax.set_ylabel("requests/s (median, min–max)")
-        ax.set_title(f"{model}, JSON body")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        _label(ax, "concurrency (connections)", "requests/s (median, min–max)", f"{model}, JSON body")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _label(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def _median_run(runs: list[Sample]) -> Sample:
@@ -77,11 +81,7 @@ def cdf_plot(samples: Sequence[Sample], models: Sequence[str], concurrencies: Se
                 if concurrency in by_c:
                     ax.plot(_median_run(by_c[concurrency]).cdf_ms, quantiles, label=labels.get(variant, variant))
             ax.set_xscale("log")
-            ax.set_xlabel("latency (ms)")
-            ax.set_ylabel("fraction of requests ≤ latency")
-            ax.set_title(f"{model}, JSON, c={concurrency} (median run)")
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7)
+            _label(ax, "latency (ms)", "fraction of requests ≤ latency", f"{model}, JSON, c={concurrency} (median run)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

