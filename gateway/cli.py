@@ -14,6 +14,7 @@ import uvicorn
 from pydantic import ValidationError
 from rich.console import Console
 
+from gateway.api.http_protocol import GatewayHttpProtocol
 from gateway.settings import Settings, load_settings
 
 app = typer.Typer(help="gatewatch: model-serving gateway with live monitoring.", no_args_is_help=True)
@@ -70,7 +71,7 @@ def serve(
         "host": host,
         "port": port,
         "loop": "uvloop",
-        "http": "httptools",
+        "http": GatewayHttpProtocol,  # uvicorn's httptools protocol, one socket write per response
         "log_level": log_level,
         "timeout_graceful_shutdown": settings.shutdown_timeout_seconds,
         "access_log": False,
