@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from types import MappingProxyType
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -38,20 +39,22 @@ DEFAULT_VARIANT = "default"
 _UNKNOWN = "_unknown"  # label for requests that named nothing we serve: keeps label cardinality bounded
 
 
-@dataclass(frozen=True)
-class InferCall:
+# The per-request values below are NamedTuples: immutable like frozen dataclasses, but built in a fraction of the
+# time (a frozen dataclass sets each field through object.__setattr__; at c=64 their __init__s were 2.5 % of CPU).
+
+
+class InferCall(NamedTuple):
     name: str
     version: str | None
     body: bytes
     header_length: int | None
     request_id: str
     timeout_ms: float | None
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = MappingProxyType({})
     """Request headers (case-insensitive mapping), for sticky routing."""
 
 
-@dataclass(frozen=True)
-class InferAnswer:
+class InferAnswer(NamedTuple):
     body: bytes
     header_length: int | None
     model: str
@@ -59,8 +62,7 @@ class InferAnswer:
     variant: str
 
 
-@dataclass(frozen=True)
-class _Target:
+class _Target(NamedTuple):
     loaded: LoadedVersion
     variant: str
     route: CompiledRoute | None = None
