@@ -83,7 +83,9 @@ class AdaptiveBatcher:
         self._running: set[asyncio.Task[None]] = set()
         self._collecting: list[_Pending] = []  # taken from the queue, not yet running
         self._closed = False
-        self._loop_task = asyncio.get_running_loop().create_task(self._dispatch_forever(), name=f"batcher {label}")
+        # Kept: on Python 3.11, asyncio.get_running_loop() makes a getpid() syscall on every call.
+        self._loop = asyncio.get_running_loop()
+        self._loop_task = self._loop.create_task(self._dispatch_forever(), name=f"batcher {label}")
 
     @property
     def depth(self) -> int:
@@ -95,7 +97,7 @@ class AdaptiveBatcher:
             raise NotReady(f"{self._label} is being unloaded; retry")
         if len(self._queue) >= self._limits.max_queue_size:
             raise Overloaded(f"{self._label}: queue full ({len(self._queue)} requests waiting); retry later")
-        future: asyncio.Future[list[np.ndarray]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[np.ndarray]] = self._loop.create_future()
         pending = _Pending(inputs, rows, future, time.monotonic(), deadline)
         self._queue.append(pending)
         self._observer.queue_depth(len(self._queue))
@@ -138,7 +140,7 @@ class AdaptiveBatcher:
             except BaseException:
                 self._slots.release()
                 raise
-            task = asyncio.get_running_loop().create_task(self._run(batch))
+            task = self._loop.create_task(self._run(batch))
             self._collecting = []
             self._running.add(task)
             task.add_done_callback(self._running.discard)
