@@ -131,13 +131,7 @@ def _tensor_with_cap(
         flat = flat.astype(np.float32)
     limit = max_bytes // array.dtype.itemsize
     truncated = flat.size > limit
-    tensor = {
-        "name": name,
-        "shape": array.shape,
-        "datatype": datatype or _datatype(array),
-        "data": flat[:limit] if truncated else flat,
-    }
-    return tensor, truncated
+    return _tensor(name, datatype, array, flat[:limit] if truncated else flat), truncated
 
 
 def _text_tensor_with_cap(

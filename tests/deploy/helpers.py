@@ -184,20 +184,6 @@ def start_prometheus(binary: str, config: Path, workdir: Path, port: int, timeou
     return server
 
 
-def wait_http_ok(url: str, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"process serving {url} exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)  # polling a condition: the server answering
-    raise RuntimeError(f"{url} did not answer 200 within {timeout}s")
-
-
 def iter_containers(resource: dict[str, Any]) -> Iterator[dict[str, Any]]:
     spec = resource["spec"]["template"]["spec"]
     yield from spec.get("initContainers", [])

@@ -27,8 +27,8 @@ from tests.deploy.helpers import (
     find_tool,
     load_yaml,
     start_prometheus,
-    wait_http_ok,
 )
+from tests.polling import wait_until_serving
 
 INSTALL_HINT = (
     "install Debian's prometheus package: apt-get install -y --no-install-recommends prometheus (.ci/run does)"
@@ -238,7 +238,8 @@ def test_real_prometheus_sees_the_monitors_drift_scores(
     prometheus: PrometheusServer | None = None
     try:
         gateway = start_gateway(config, tmp_path)
-        wait_http_ok(f"http://127.0.0.1:{metrics_port}/metrics", timeout=60, process=monitor)
+        wait_until_serving(monitor, f"http://127.0.0.1:{metrics_port}/metrics", 60, "monitor",
+                           lambda: (tmp_path / "monitor.log").read_text(errors="replace"))
         prometheus = run_prometheus(prometheus_binary, tmp_path, {
             "gatewatch-gateway": gateway.url.removeprefix("http://"),
             "gatewatch-monitor": f"127.0.0.1:{metrics_port}",

@@ -43,14 +43,15 @@ class _CountingTransport(asyncio.Transport):
         return getattr(object.__getattribute__(self, "_inner"), name)
 
 
-async def _socket_pair() -> tuple[asyncio.Transport, list[bytes], socket.socket]:
-    """A real loop transport over one end of a socket pair, its writes counted; the other end for reading."""
+async def _coalescing_pair() -> tuple[CoalescingTransport, list[bytes], socket.socket]:
+    """A `CoalescingTransport` over a real loop transport on one end of a socket pair, with the writes reaching
+    that transport counted; the other end for reading."""
     ours, theirs = socket.socketpair()
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_connection(_Recorder, sock=ours)
     writes: list[bytes] = []
     theirs.setblocking(False)
-    return _CountingTransport(transport, writes), writes, theirs  # type: ignore[return-value]
+    return CoalescingTransport(_CountingTransport(transport, writes), loop), writes, theirs
 
 
 async def _read(sock: socket.socket, size: int) -> bytes:
@@ -65,8 +66,7 @@ async def _read(sock: socket.socket, size: int) -> bytes:
 
 
 async def test_writes_of_one_loop_turn_reach_the_socket_as_one_write_in_order() -> None:
-    inner, writes, peer = await _socket_pair()
-    transport = CoalescingTransport(inner, asyncio.get_running_loop())
+    transport, writes, peer = await _coalescing_pair()
     transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
     transport.write(memoryview(b"hello"))
     assert writes == []  # held until the turn ends
@@ -82,8 +82,7 @@ async def test_writes_of_one_loop_turn_reach_the_socket_as_one_write_in_order() 
 
 
 async def test_a_large_write_goes_at_once_with_what_was_held_before_it() -> None:
-    inner, writes, peer = await _socket_pair()
-    transport = CoalescingTransport(inner, asyncio.get_running_loop())
+    transport, writes, peer = await _coalescing_pair()
     transport.write(b"head")
     transport.write(b"x" * FLUSH_BYTES)
     assert writes == [b"head" + b"x" * FLUSH_BYTES]
@@ -94,16 +93,14 @@ async def test_a_large_write_goes_at_once_with_what_was_held_before_it() -> None
 
 
 async def test_close_sends_what_was_written_first_and_abort_drops_it() -> None:
-    inner, writes, peer = await _socket_pair()
-    transport = CoalescingTransport(inner, asyncio.get_running_loop())
+    transport, writes, peer = await _coalescing_pair()
     transport.write(b"last words")
     transport.close()
     assert transport.is_closing()
     assert await _read(peer, 64) == b"last words"  # then EOF
     peer.close()
 
-    inner, writes, peer = await _socket_pair()
-    transport = CoalescingTransport(inner, asyncio.get_running_loop())
+    transport, writes, peer = await _coalescing_pair()
     transport.write(b"never sent")
     transport.abort()
     await asyncio.sleep(0)
@@ -153,13 +150,14 @@ async def serve() -> AsyncIterator[Callable[[type[HttpToolsProtocol]], Any]]:
         await task
 
 
-async def _pipelined(port: int, requests: int, last_closes: bool) -> bytes:
+async def _pipelined_then_close(port: int, requests: int) -> bytes:
+    """Everything the server sends for `requests` pipelined requests, the last one asking to close."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     request = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"
     closing = b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-    writer.write(request * (requests - 1) + (closing if last_closes else request))
+    writer.write(request * (requests - 1) + closing)
     await writer.drain()
-    data = await asyncio.wait_for(reader.read(-1) if last_closes else reader.read(65536), 5)
+    data = await asyncio.wait_for(reader.read(-1), 5)  # to EOF: the server closes after the last answer
     writer.close()
     return data
 
@@ -183,7 +181,7 @@ async def test_pipelined_requests_and_connection_close_are_answered_whole(
     serve: Callable[[type[HttpToolsProtocol]], Any],
 ) -> None:
     port = await serve(GatewayHttpProtocol)
-    data = await _pipelined(port, 3, last_closes=True)  # read to EOF: the server closed after the third answer
+    data = await _pipelined_then_close(port, 3)
     assert data.count(b"HTTP/1.1 200 OK\r\n") == 3
     assert data.count(b'{"ok":true}') == 3
     assert data.endswith(b'{"ok":true}')
