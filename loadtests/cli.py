@@ -79,6 +79,7 @@ def suite(
     pin: Annotated[bool, typer.Option(help="Pin servers and generator to different CPUs.")] = True,
     quiet_gate: Annotated[bool, typer.Option(help="Hold each run until the machine is quiet (bounded).")] = True,
     profile: Annotated[float, typer.Option(help="Then py-spy gatewatch for this many seconds (0 = off).")] = 0.0,
+    paired: Annotated[bool, typer.Option(help="Also run the key comparisons side by side on one core.")] = True,
 ) -> None:
     """gatewatch vs onnxruntime in-process vs naive FastAPI vs bare uvicorn; logging, shadow, batching."""
     from loadtests.suite import VARIANT_KEYS, SuiteOptions, run_suite
@@ -89,7 +90,8 @@ def suite(
             key_concurrencies=_csv_ints(key_concurrencies), models=_csv(models),
             bodies=tuple(b for b in _csv(bodies) if b in ("json", "binary")),  # type: ignore[misc]
             variants=_csv(variants) or VARIANT_KEYS, driver=_driver(driver), pin=pin, quiet_gate=quiet_gate,
-            profile_seconds=profile, out=out, inprocess_seconds=min(1.0, duration), command=_command_line("suite"),
+            profile_seconds=profile, paired=paired, out=out, inprocess_seconds=min(1.0, duration),
+            command=_command_line("suite"),
         )
         outcome = run_suite(options)
     except (ValueError, RuntimeError) as error:

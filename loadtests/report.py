@@ -17,6 +17,7 @@ from loadtests import workloads as w
 from loadtests.generator import event_loop_name
 from loadtests.machine import QUIET_CPU, CpuPlan, cpu_model, loadavg, source, versions
 from loadtests.measure import Sample
+from loadtests.paired import PairedSample, evaluate_paired, paired_lines
 from loadtests.profiling import Profile, profile_lines
 from loadtests.targets import evaluate
 from loadtests.wrk import wrk_binary
@@ -69,9 +70,9 @@ def _errors(samples: Sequence[Sample]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(total.items())) or "0"
 
 
-def targets_table(samples: Sequence[Sample]) -> list[str]:
+def targets_table(samples: Sequence[Sample], paired: Sequence[PairedSample] = ()) -> list[str]:
     lines = ["| target | condition | measured: median (min – max) | met |", "|---|---|---|---|"]
-    for outcome in evaluate(samples):
+    for outcome in [*evaluate(samples), *(evaluate_paired(paired) if paired else [])]:
         met = {True: "✅ yes", False: "❌ no", None: "— not measured"}[outcome.met]
         lines.append(f"| {outcome.target.text} | {outcome.target.condition} | {outcome.summary()} | {met} |")
     return lines
@@ -140,7 +141,10 @@ def background_note(samples: Sequence[Sample]) -> str:
 
 
 def render_report(options: SuiteOptions, env: Environment, samples: Sequence[Sample],
-                  inprocess: Sequence[w.InProcessResult], plots: Sequence[Path], profile: Profile | None) -> str:
+                  inprocess: Sequence[w.InProcessResult], plots: Sequence[Path], profile: Profile | None,
+                  paired: Sequence[PairedSample] = ()) -> str:
+    from loadtests.suite import LABELS
+
     o = options
     models = "; ".join(f"**{m}**: {w.MODEL_DESCRIPTION[m]}" for m in o.models)
     lines = [
@@ -164,13 +168,14 @@ def render_report(options: SuiteOptions, env: Environment, samples: Sequence[Sam
         "`sample: 1.0`, against the same endpoint without it; batching off = `GATEWATCH_MAX_BATCH_SIZE=1`.",
         f"- Sanity check: {env.check}",
         "", "## Targets (issue #7), each computed within one run, median over runs", "",
-        *targets_table(samples), "",
+        *targets_table(samples, paired), "",
         f"## Results: median of {o.runs} runs (min–max)", "",
         *results_sections(samples, o),
         "*server CPU µs/req*: the server process's CPU time (all threads) per answered request, the figure that "
         "other load on the machine disturbs least. CPU columns are CPU-seconds per wall second (100% = one core). "
         "A generator near 100% means that row measures the generator; the raw-server row is its ceiling.", "",
         background_note(samples), "",
+        *paired_lines(paired, LABELS),
         "## onnxruntime called directly (session.run in a loop, in the generator's process)", "",
         *inprocess_table(inprocess), "",
         "## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots], "",

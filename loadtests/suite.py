@@ -25,6 +25,7 @@ from loadtests import workloads as w
 from loadtests.drivers import Driver, resolve_driver
 from loadtests.machine import QuietGate, loadavg, plan_cpus
 from loadtests.measure import Cell, RunSettings, Sample, measure_once
+from loadtests.paired import PairedSample, PairRun, measure_pair, pairs_for
 from loadtests.plots import require_matplotlib, write_plots
 from loadtests.profiling import Profile, profile_under_load
 from loadtests.report import Environment, collect_environment, render_report
@@ -78,6 +79,7 @@ class SuiteOptions:
     quiet_gate: bool = True
     inprocess_seconds: float = 1.0
     profile_seconds: float = 0.0  # > 0: py-spy gatewatch at the highest concurrency after the measurements
+    paired: bool = True  # also measure the key comparisons side by side (paired.py), at the highest key concurrency
     max_requests: int = 2_000_000  # a second bound besides `duration`, far above what one core can serve
     out: Path = Path("bench/REPORT.md")
     title: str = "gatewatch benchmark suite"
@@ -98,6 +100,7 @@ class SuiteOutcome:
     inprocess: list[w.InProcessResult]
     plots: list[Path]
     profile: Profile | None = field(default=None)
+    paired: list[PairedSample] = field(default_factory=list)
 
 
 def plan(options: SuiteOptions) -> list[Cell]:
@@ -144,11 +147,10 @@ Tick = Callable[[str], None]
 
 
 def measure_matrix(servers: dict[str, ManagedServer], cells: list[Cell], options: SuiteOptions,
-                   tick: Tick) -> list[Sample]:
+                   tick: Tick, gate: QuietGate | None) -> list[Sample]:
     targets = targets_for(cells, servers)
     smoke_check(targets)
     settings = RunSettings(options.duration, options.warmup, options.max_requests, options.driver)
-    gate = QuietGate() if options.quiet_gate else None
     samples = []
     for rep in range(options.runs):
         for cell in cells:
@@ -157,6 +159,35 @@ def measure_matrix(servers: dict[str, ManagedServer], cells: list[Cell], options
             samples.append(sample)
             tick(f"run {rep + 1} {cell.variant} {cell.model} {cell.body} c={cell.concurrency}: "
                  f"{sample.rps:,.0f} req/s p50 {sample.p50_ms:.3f} ms p99 {sample.p99_ms:.3f} ms")
+    return samples
+
+
+def paired_runs(servers: dict[str, ManagedServer], options: SuiteOptions) -> list[PairRun]:
+    if not options.paired:
+        return []
+    concurrency = max(options.key_concurrencies)
+    runs = []
+    for pair in pairs_for(options.variants, options.models):
+        cells = [Cell(key, pair.model, "json", concurrency) for key in (pair.subject, pair.baseline)]
+        targets = targets_for(cells, servers)
+        subject, baseline = ((servers[_variant(c.variant).server], targets[(c.variant, c.model, c.body)])
+                             for c in cells)
+        runs.append(PairRun(pair, subject, baseline))
+    return runs
+
+
+def measure_paired(runs: list[PairRun], options: SuiteOptions, tick: Tick, gate: QuietGate | None
+                   ) -> list[PairedSample]:
+    concurrency = max(options.key_concurrencies)
+    samples = []
+    for rep in range(options.runs):
+        for run in runs:
+            sample = measure_pair(run, concurrency, rep, options.duration, options.warmup, options.max_requests,
+                                  options.driver, gate)
+            samples.append(sample)
+            tick(f"run {rep + 1} side by side {run.pair.key} c={concurrency}: "
+                 f"{sample.subject.cpu_us_per_request:,.1f} vs {sample.baseline.cpu_us_per_request:,.1f} µs/req, "
+                 f"per-core ratio {sample.per_core_ratio:.2f}×")
     return samples
 
 
@@ -225,25 +256,29 @@ def _run_suite(options: SuiteOptions, console: Console | None) -> SuiteOutcome:
         with redis_service(workdir, cpus.generator) as redis_url:
             specs = w.server_specs(names, workdir, workdir / "models", models, redis_url)
             with running_servers(specs, workdir, cpus.server) as servers, pinned(cpus.generator):
-                checks, inprocess, samples, profile = _measure(servers, models, cells, options, console, workdir)
+                checks, inprocess, samples, paired, profile = _measure(servers, models, cells, options, console,
+                                                                       workdir)
     env = collect_environment(options.command, cpus, driver, "; ".join(checks), loadavg_before)
-    return write_outputs(options, env, samples, inprocess, profile)
+    return write_outputs(options, env, samples, inprocess, profile, paired)
 
 
 def _measure(servers: dict[str, ManagedServer], models: dict[str, Path], cells: list[Cell], options: SuiteOptions,
              console: Console, workdir: Path
-             ) -> tuple[list[str], list[w.InProcessResult], list[Sample], Profile | None]:
+             ) -> tuple[list[str], list[w.InProcessResult], list[Sample], list[PairedSample], Profile | None]:
     checks = [w.check_answers(servers, model) for model in options.models]
     inprocess = measure_inprocess(models, options)
+    pairs = paired_runs(servers, options)
+    gate = QuietGate() if options.quiet_gate else None
     with _progress(console) as progress:
-        task = progress.add_task("suite", total=len(cells) * options.runs)
+        task = progress.add_task("suite", total=(len(cells) + len(pairs)) * options.runs)
 
         def tick(line: str) -> None:
             progress.console.print(line, highlight=False)
             progress.advance(task)
 
-        samples = measure_matrix(servers, cells, options, tick)
-    return checks, inprocess, samples, _profile(servers, options, workdir)
+        samples = measure_matrix(servers, cells, options, tick, gate)
+        paired = measure_paired(pairs, options, tick, gate)
+    return checks, inprocess, samples, paired, _profile(servers, options, workdir)
 
 
 def _progress(console: Console) -> Progress:
@@ -252,14 +287,15 @@ def _progress(console: Console) -> Progress:
 
 
 def write_outputs(options: SuiteOptions, env: Environment, samples: list[Sample],
-                  inprocess: list[w.InProcessResult], profile: Profile | None) -> SuiteOutcome:
+                  inprocess: list[w.InProcessResult], profile: Profile | None,
+                  paired: list[PairedSample]) -> SuiteOutcome:
     out = options.out
     out.parent.mkdir(parents=True, exist_ok=True)
     plots = write_plots(samples, options, out.parent, out.stem)
-    report = render_report(options, env, samples, inprocess, plots, profile)
+    report = render_report(options, env, samples, inprocess, plots, profile, paired)
     out.write_text(report)
     raw = {"options": {k: str(v) for k, v in asdict(options).items()}, "environment": asdict(env),
-           "samples": [asdict(s) for s in samples], "inprocess": [asdict(r) for r in inprocess],
-           "profile": asdict(profile) if profile else None}
+           "samples": [asdict(s) for s in samples], "paired": [asdict(s) for s in paired],
+           "inprocess": [asdict(r) for r in inprocess], "profile": asdict(profile) if profile else None}
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
-    return SuiteOutcome(report, samples, inprocess, plots, profile)
+    return SuiteOutcome(report, samples, inprocess, plots, profile, paired)

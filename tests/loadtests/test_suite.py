@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from loadtests.paired import PairedSample
 from loadtests.suite import SuiteOptions, plan, run_suite
 
 
@@ -49,7 +50,24 @@ def test_suite_smoke_writes_report_and_plots(tmp_path: Path) -> None:
     # Targets are computed, and those without their rows say so rather than pass.
     assert re.search(r"\| tabular, c=1: gatewatch p50 − naive FastAPI p50 \| ≤ 0.3 ms \| [+-][\d.]+ ms", report)
     assert "| MLP, c=64: batching on / off throughput | ≥ 2× | not measured | — not measured |" in report
+    _check_side_by_side(outcome.paired, report)
     assert _orphaned_suite_redis() == []  # gatewatch's embedded Redis went down with it
+
+
+def _check_side_by_side(paired: list[PairedSample], report: str) -> None:
+    """gatewatch and naive were both chosen: that pair ran once, at once, at the highest key concurrency."""
+    assert [(s.pair, s.concurrency) for s in paired] == [("naive", 4)]
+    sample = paired[0]
+    for side in (sample.subject, sample.baseline):
+        assert side.requests > 0 and side.errors == {} and side.cpu_us_per_request > 0
+    assert sample.per_core_ratio == pytest.approx(
+        sample.baseline.cpu_us_per_request / sample.subject.cpu_us_per_request
+    )
+    row = next(line for line in report.splitlines() if line.startswith("| gatewatch vs naive FastAPI"))
+    assert f"| {sample.per_core_ratio:.2f}× ({sample.per_core_ratio:.2f}× – {sample.per_core_ratio:.2f}×) |" in row
+    # The pair's target is judged at c=64 only: a c=4 smoke run shows the row but does not pass or fail it.
+    assert ("| side by side, tabular, c=64: gatewatch (logging on) / naive FastAPI, per-core throughput | ≥ 2× "
+            "| not measured | — not measured |") in report
 
 
 def _orphaned_suite_redis() -> list[int]:
