@@ -20,6 +20,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.protocol.codecs import (
     DecodedRequest,
     RequestedOutput,
+    declared_rows,
     decode_request,
     encode_response,
     parse_header,
@@ -75,6 +76,7 @@ class _Attempt:
     target: _Target | None = None
     decoded: DecodedRequest | None = None
     outputs: list[np.ndarray] = field(default_factory=list)
+    declared_rows: int = 0  # what a request refused while decoding said its batch size was
 
 
 class LogSink(Protocol):
@@ -224,9 +226,13 @@ class DataPlane:
         runner = loaded.runner
         raw_json, binary = split_body(call.body, call.header_length)
         header = parse_header(raw_json)
-        attempt.decoded = decoded = decode_request(
-            header, binary, raw_json, runner.inputs, runner.outputs, runner.batched
-        )
+        try:
+            attempt.decoded = decoded = decode_request(
+                header, binary, raw_json, runner.inputs, runner.outputs, runner.batched
+            )
+        except GatewayError:
+            attempt.declared_rows = declared_rows(header, runner.batched)
+            raise
         timeout_ms = call.timeout_ms if call.timeout_ms is not None else decoded.timeout_ms
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
         attempt.outputs = outputs = await loaded.batcher.infer(decoded.inputs, decoded.rows, deadline)
@@ -292,7 +298,7 @@ def _exchange(
         role=ROLE_PRIMARY,
         model=loaded.model,
         version=loaded.version,
-        rows=decoded.rows if decoded is not None else 0,
+        rows=decoded.rows if decoded is not None else attempt.declared_rows,
         status=status,
         latency_ms=latency_ms,
         error=error,

@@ -129,7 +129,7 @@ def _entry(stream: str, entry_id: bytes, values: Sequence[Any]) -> LogEntry | No
             request_id,
             int(ts),
             key,
-            max(int(rows), 0),
+            _window_rows(int(rows), int(status or 200)),
             int(status or 200),
             float(latency_ms or 0),
             payload,
@@ -142,6 +142,14 @@ def _entry(stream: str, entry_id: bytes, values: Sequence[Any]) -> LogEntry | No
 
 
 _NOTHING_REDACTED: frozenset[str] = frozenset()
+
+
+def _window_rows(rows: int, status: int) -> int:
+    """A request refused before its batch size was known (bad JSON, no shape) is logged with 0 rows; it counts as
+    one here, so that windows of failing traffic fill and close, and report their error rate."""
+    if rows <= 0:
+        return 1 if status >= 400 else 0
+    return rows
 
 
 def _window_key(stream: str, raw: tuple[bytes, bytes, bytes, bytes]) -> WindowKey:

@@ -152,6 +152,19 @@ def decode_request(
     )
 
 
+def declared_rows(header: dict[str, Any], batched: bool) -> int:
+    """The batch size a request states for itself (its first input's first dimension), for the log record of a
+    request refused while decoding; 0 when it states none."""
+    if not batched:
+        return 1
+    inputs = header.get("inputs")
+    first = inputs[0] if isinstance(inputs, list) and inputs else None
+    shape = first.get("shape") if isinstance(first, dict) else None
+    if isinstance(shape, list) and shape and type(shape[0]) is int and shape[0] > 0:
+        return shape[0]
+    return 0
+
+
 def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
     parameters = obj.get("parameters")
     if parameters is None:

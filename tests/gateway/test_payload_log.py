@@ -180,16 +180,21 @@ async def test_failed_request_is_logged_with_status_and_error(
     http_client: Callable[[GatewayProcess], httpx.AsyncClient],
 ) -> None:
     client = http_client(logging_gateway)
-    bad = np.zeros((1, 5), np.float32)  # the model wants [N, 32]
+    bad = np.zeros((3, 5), np.float32)  # the model wants [N, 32]
     response = await client.post(INFER, json=tabular_body(bad), headers={"x-request-id": "bad-shape-1"})
     assert response.status_code == 400
     assert response.headers["x-request-id"] == "bad-shape-1"
-    await wait_for(lambda: redis_client.xlen(STREAM) >= 1, 10, "the failed request's record")
-    (entry,) = entries(redis_client)
+    unparsable = await client.post(INFER, content=b'{"inputs": [', headers={"x-request-id": "bad-json-1",
+                                                                           "content-type": "application/json"})
+    assert unparsable.status_code == 400
+    await wait_for(lambda: redis_client.xlen(STREAM) >= 2, 10, "the failed requests' records")
+    entry, broken = entries(redis_client)
     assert entry["id"] == "bad-shape-1"
     assert entry["status"] == "400"
     assert entry["error"] and entry["error"] == response.json()["error"]
     assert (entry["model"], entry["version"]) == (MODEL, "1")
+    assert entry["rows"] == "3"  # the batch size the request stated, though it was refused
+    assert (broken["id"], broken["status"], broken["rows"]) == ("bad-json-1", "400", "0")  # it stated none
 
 
 async def test_10mb_tensor_is_truncated_in_the_log_and_answered_whole(

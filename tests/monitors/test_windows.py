@@ -82,6 +82,19 @@ def test_unusable_entries_parse_to_none() -> None:
     assert minimal is not None and minimal.key.endpoint == "fraud" and minimal.rows == 1
 
 
+def test_failed_requests_without_rows_still_fill_and_close_windows() -> None:
+    """A request refused before its batch size was known is logged with rows=0; failing traffic must still close
+    windows (and so report its error rate), or its entries would stay pending for ever."""
+    windows = WindowSet(WindowSpec(rows=3, seconds=60, min_rows=2))
+    failed = [entry(n, rows=0, status=400) for n in range(3)]
+    assert [e.rows for e in failed] == [1, 1, 1]
+    closed = [w for e in failed for w in windows.add(e)[0]]
+    assert [(w.rows, len(w.entries)) for w in closed] == [(3, 3)]
+    analysis = analyse(closed[0], None, {}, keep_tensors=False, drift=DriftSettings(0.01, "holm"))
+    assert analysis.traffic.error_rate == 1.0
+    assert entry(9, rows=0).rows == 0  # a successful entry claiming no rows adds none
+
+
 def test_redacted_truncated_and_sampled_out_tensors_are_skipped() -> None:
     full = json.dumps([tensor("X", np.ones((2, 3)), "FP32")]).encode()
     redacted = json.dumps([{"name": "X", "shape": [2, 3], "datatype": "FP32", "data": None}]).encode()
