@@ -70,7 +70,11 @@ def compile_route(endpoint: str, route: Route, default_policy: PayloadPolicy) ->
         chooser = WeightedChooser(weights)
     policy = None
     if route.log is not None:
-        policy = PayloadPolicy(route.log.sample, frozenset(route.log.redact), default_policy.max_tensor_bytes)
+        # Inputs redacted gateway-wide stay redacted on every endpoint; the route adds to them. Its sample rate
+        # applies where it sets one.
+        sample = default_policy.sample if route.log.sample is None else route.log.sample
+        redact = default_policy.redact | frozenset(route.log.redact)
+        policy = PayloadPolicy(sample, redact, default_policy.max_tensor_bytes)
     stats = {name: VariantStats() for name in names}
     return CompiledRoute(endpoint, route, chooser, stats, policy)
 

@@ -57,8 +57,10 @@ class BanditSettings(_Strict):
 
 
 class LogSettings(_Strict):
-    sample: float = Field(default=1.0, ge=0, le=1)
+    sample: float | None = Field(default=None, ge=0, le=1)
+    """Share of this endpoint's requests whose tensors are logged; unset: the gateway's `log_sample_rate`."""
     redact: list[str] = Field(default_factory=list)
+    """Inputs never written for this endpoint, besides the gateway's `log_redact`."""
 
 
 class Route(_Strict):

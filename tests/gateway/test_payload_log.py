@@ -317,10 +317,21 @@ async def test_redacted_input_is_never_written(
     model_registry: Path, redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path,
     http_client: Callable[[GatewayProcess], httpx.AsyncClient],
 ) -> None:
-    gateway = await asyncio.to_thread(gateway_with, tmp_path, model_registry, redis_server, log_redact=["input"])
+    # An endpoint whose route has its own `log:` block: it adds to the gateway-wide redaction, never lifts it.
+    endpoint = f"{{scored: {{variants: [{{name: only, model: {MODEL}, version: 1}}], log: {{sample: 1.0}}}}}}"
+    gateway = await asyncio.to_thread(gateway_with, tmp_path, model_registry, redis_server, log_redact=["input"],
+                                      endpoints=endpoint)
     try:
-        sent = await send(http_client(gateway), 20, seed=4)
+        client = http_client(gateway)
+        sent = await send(client, 20, seed=4)
+        for i in range(3):
+            routed = await client.post("/v2/models/scored/infer", json=tabular_body(rows(2, i)))
+            assert routed.status_code == 200, routed.text
         await wait_for(lambda: redis_client.xlen(STREAM) >= 20, 20, "20 records")
+        await wait_for(lambda: redis_client.xlen("gatewatch:log:scored") >= 3, 20, "the endpoint's 3 records")
+        for _, fields in redis_client.xrange("gatewatch:log:scored"):
+            assert fields[b"redacted"] == b"input"
+            assert json.loads(fields[b"inputs"])[0]["data"] is None
         logged = entries(redis_client)
         assert {entry["id"] for entry in logged} == set(sent)
         for entry in logged:

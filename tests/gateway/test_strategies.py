@@ -23,7 +23,7 @@ from scipy.stats import chisquare
 
 from gateway.errors import GatewayError
 from gateway.records import PayloadPolicy
-from gateway.routing.router import Router, label_reward, predictions_of
+from gateway.routing.router import Router, compile_route, label_reward, predictions_of
 from gateway.routing.shadow import disagrees
 from gateway.routing.strategies import BanditChooser, StickyChooser, WeightedChooser, unit_hash
 from gateway.routing.table import BanditSettings, InvalidRoute, Route, parse_route
@@ -385,3 +385,15 @@ def test_route_defaults_and_sticky_header() -> None:
     assert parsed.bandit == BanditSettings(algorithm="thompson", epsilon=0.1, min_share=0.05)
     # A stored route (Redis holds model_dump_json) parses back to an equal route: replicas compare equal.
     assert parse_route("fraud", json.loads(parsed.model_dump_json())) == parsed
+
+
+def test_a_routes_log_block_adds_to_the_gateway_policy_and_samples_only_where_it_says() -> None:
+    gateway_wide = PayloadPolicy(sample=0.25, redact=frozenset({"ssn"}), max_tensor_bytes=1024)
+    variants = [{"name": "a", "model": "m", "version": 1}]
+
+    def policy(log: dict[str, Any]) -> PayloadPolicy | None:
+        return compile_route("ep", parse_route("ep", {"variants": variants, "log": log}), gateway_wide).policy
+
+    assert policy({"redact": ["email"]}) == PayloadPolicy(0.25, frozenset({"ssn", "email"}), 1024)
+    assert policy({"sample": 1.0}) == PayloadPolicy(1.0, frozenset({"ssn"}), 1024)
+    assert compile_route("ep", parse_route("ep", {"variants": variants}), gateway_wide).policy is None
