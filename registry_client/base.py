@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,6 +46,9 @@ class ModelIndex:
     model: str
     versions: tuple[int, ...]
     aliases: dict[str, int]
+    # Per version, something that changes when its files do (a backend may leave it empty): a version refused
+    # while still being written is tried again once its files change.
+    revisions: Mapping[int, str] = field(default_factory=dict, compare=False)
 
 
 class Registry(Protocol):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import stat
 from pathlib import Path
 
 from registry_client.base import (
     ALIASES_FILE,
+    META_FILE,
     MODEL_FILE,
     ModelArtifact,
     ModelIndex,
@@ -21,7 +23,8 @@ class DirectoryRegistry:
     """Versions are the positive-integer subdirectories that hold a `model.onnx`.
 
     Write a new version atomically (build it elsewhere, then rename the directory into place): a version
-    directory without `model.onnx` is not a version yet.
+    directory without `model.onnx` is not a version yet. A `model.onnx` written in place may be seen half-written
+    and refused; the index carries each version's file sizes and times, so it is tried again once they change.
     """
 
     def __init__(self, root: Path) -> None:
@@ -49,14 +52,12 @@ class DirectoryRegistry:
         model_dir = self.root / model
         if not model_dir.is_dir():
             raise VersionNotFound(f"model {model!r} not in {self.root}")
-        versions = tuple(
-            sorted(
-                int(p.name)
-                for p in model_dir.iterdir()
-                if _is_version_name(p.name) and (p / MODEL_FILE).is_file()
-            )
-        )
-        return ModelIndex(model=model, versions=versions, aliases=self._aliases(model_dir))
+        revisions = {
+            int(p.name): revision
+            for p in model_dir.iterdir()
+            if _is_version_name(p.name) and (revision := _revision(p)) is not None
+        }
+        return ModelIndex(model, tuple(sorted(revisions)), self._aliases(model_dir), revisions)
 
     def _aliases(self, model_dir: Path) -> dict[str, int]:
         path = model_dir / ALIASES_FILE
@@ -81,6 +82,22 @@ class DirectoryRegistry:
         artifact = ModelArtifact(model=model, version=version, directory=directory, meta=read_meta(directory))
         verify_artifact(artifact)
         return artifact
+
+
+def _revision(directory: Path) -> str | None:
+    """Size and modification time of the version's files; None while it has no `model.onnx`."""
+    parts = []
+    for name in (MODEL_FILE, META_FILE):
+        try:
+            info = (directory / name).stat()
+        except OSError:
+            info = None
+        if info is None or not stat.S_ISREG(info.st_mode):
+            if name == MODEL_FILE:
+                return None
+            continue
+        parts.append(f"{info.st_size}:{info.st_mtime_ns}")
+    return "/".join(parts)
 
 
 def _is_version_name(name: str) -> bool:

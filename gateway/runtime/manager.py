@@ -50,6 +50,7 @@ class ModelState:
     versions: dict[int, LoadedVersion] = field(default_factory=dict)
     aliases: dict[str, int] = field(default_factory=dict)
     refused: dict[int, str] = field(default_factory=dict)
+    refused_revisions: dict[int, str] = field(default_factory=dict)  # the files each refusal was about
     latest_version: int | None = None
     reported_refusals: frozenset[str] = frozenset()  # refused moves already logged: each is reported once
 
@@ -171,7 +172,7 @@ class ModelManager:
         everything that did load, so that nothing loaded is dropped and the version is retried next poll."""
         current = self._models.get(index.model, ModelState(index.model))
         versions = dict(current.versions)
-        refused = {v: why for v, why in current.refused.items() if v in index.versions}
+        refused, refused_revisions = _still_refused(current, index)
         unavailable: RegistryUnavailable | None = None
         for version in index.versions:
             if version in versions or version in refused:
@@ -185,13 +186,15 @@ class ModelManager:
                 versions[version] = loaded
             else:
                 refused[version] = reason
+                refused_revisions[version] = index.revisions.get(version, "")
         removed = [versions.pop(v) for v in list(versions) if v not in index.versions]
         runners = {v: loaded.runner for v, loaded in versions.items()}
         promotion = promote(runners, index.aliases, current.aliases, current.latest_version)
         self._report(index.model, promotion, current.reported_refusals)
         # One assignment publishes the new state: a request sees the old versions and aliases or the new ones.
         self._models[index.model] = ModelState(
-            index.model, versions, promotion.aliases, refused, promotion.latest, frozenset(promotion.refused)
+            index.model, versions, promotion.aliases, refused, refused_revisions, promotion.latest,
+            frozenset(promotion.refused),
         )
         for old in removed:
             await self._unload(old)
@@ -249,3 +252,19 @@ class ModelManager:
     async def aclose(self) -> None:
         for name in list(self._models):
             await self._unload_model(name)
+
+
+def _still_refused(current: ModelState, index: ModelIndex) -> tuple[dict[int, str], dict[int, str]]:
+    """Refusals that still stand: the version is still listed and its files have not changed since (a version
+    caught while being written is tried again once the writer is done)."""
+    refused: dict[int, str] = {}
+    revisions: dict[int, str] = {}
+    for version, reason in current.refused.items():
+        if version not in index.versions:
+            continue
+        revision = index.revisions.get(version, "")
+        if revision != current.refused_revisions.get(version, ""):
+            logger.info("%s v%s changed since it was refused: trying it again", index.model, version)
+            continue
+        refused[version], revisions[version] = reason, revision
+    return refused, revisions

@@ -591,3 +591,35 @@ async def test_directory_alias_move_under_load(tmp_path: Path) -> None:
             assert f"{name}: champion: v1 -> v3" in gateway.log()
     finally:
         assert gateway.terminate() == 0
+
+
+async def test_directory_version_caught_while_being_written_loads_once_the_write_finishes(tmp_path: Path) -> None:
+    """Writers do not always rename a version into place: a `model.onnx` seen half-written is refused, and tried
+    again as soon as its file changes, so the finished version is served without a restart."""
+    registry = tmp_path / "models"
+    name = "inplace"
+    om.write_version(registry, name, 1, om.tabular_classifier(seed=1), with_sha256=False)
+    config = write_config(
+        tmp_path / "gatewatch.yaml", registry, registry_poll_seconds=POLL_SECONDS, log_enabled="false"
+    )
+    gateway = start_gateway(config, tmp_path)
+    try:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+            assert await serving_version(http, name) == 1
+            payload = om.tabular_classifier(seed=2).SerializeToString()
+            target = registry / name / "2" / "model.onnx"
+            target.parent.mkdir()
+            target.write_bytes(payload[: len(payload) // 3])  # the writer is a third of the way through
+            await wait_log(gateway, f"refused {name} v2")
+            failures = await metric(http, "gatewatch_model_load_failures_total", model=name, version="2",
+                                    reason="invalid_model")
+            assert failures >= 1
+            assert not await version_ready(http, name, 2)
+            assert await serving_version(http, name) == 1  # the old version keeps serving meanwhile
+            with target.open("ab") as rest:
+                rest.write(payload[len(payload) // 3 :])
+            await wait_serving(http, name, 2)
+            assert f"{name} v2 changed since it was refused" in gateway.log()
+            assert await version_ready(http, name, 2)
+    finally:
+        assert gateway.terminate() == 0
