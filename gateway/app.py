@@ -21,6 +21,7 @@ from gateway.api.admin import build_admin_router
 from gateway.api.errors import install_error_handlers
 from gateway.api.fastpath import GatewayApp, InferenceFastPath
 from gateway.api.v2 import build_v2_router
+from gateway.cancellation import cancel_and_wait
 from gateway.dataplane import SERVER_VERSION, DataPlane
 from gateway.metrics import GatewayMetrics, render
 from gateway.payload_log.writer import LogMetrics, LogWriter, WriterLimits
@@ -87,9 +88,7 @@ def create_app(settings: Settings, metrics_registry: CollectorRegistry | None = 
             yield
         finally:
             # uvicorn has stopped accepting and answered in-flight requests by now.
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
+            await cancel_and_wait([poller])
             await store.aclose()
             await shadows.aclose()  # shadows of the last requests still use the batchers
             await manager.aclose()  # drain every batcher

@@ -18,6 +18,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from gateway.cancellation import cancel_and_wait
 from gateway.errors import GatewayError, NotReady
 from gateway.routing.table import Route, parse_route
 
@@ -88,11 +89,7 @@ class RouteStore:
         ]
 
     async def aclose(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
 
     async def _listen(self) -> None:
         while True:

@@ -7,8 +7,13 @@ so all 50 are provably in flight (the gateway's own gauge says so) when the sign
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +21,7 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.cancellation import cancel_and_wait
 from tests.conftest import start_gateway, write_config
 
 IN_FLIGHT = 50
@@ -108,3 +114,57 @@ async def test_shutdown_sigterm_answers_all_in_flight_requests(
         assert "Application shutdown complete" in gateway.log()
     finally:
         gateway.terminate()
+
+
+def test_serve_on_a_busy_port_exits_with_the_error_and_stops_its_redis(model_registry: Path, tmp_path: Path) -> None:
+    """uvicorn fails to bind a moment after start-up; the shutdown that follows must end (it once waited for ever
+    on a route listener whose cancellation redis-py had swallowed) and take the embedded Redis down with it."""
+    config = write_config(tmp_path / "gatewatch.yaml", model_registry)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        command = [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+                   "--config", str(config)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "address already in use" in done.stderr + done.stdout
+    assert _redis_servers_under(tmp_path) == []
+
+
+def _redis_servers_under(directory: Path) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "redis-server":
+                if os.readlink(entry / "cwd").startswith(str(directory)):
+                    found.append(int(entry.name))
+    return found
+
+
+async def test_cancel_and_wait_cancels_again_a_task_that_swallowed_its_cancellation() -> None:
+    swallowed = asyncio.Event()
+
+    async def swallows_once() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.set()  # what redis-py 8.1 can do while a pub/sub connection is being set up
+        await asyncio.Event().wait()
+
+    released = asyncio.Event()
+
+    async def swallows_until_released() -> None:
+        while not released.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await released.wait()
+
+    once = asyncio.create_task(swallows_once())
+    await asyncio.sleep(0)  # let it start
+    assert await cancel_and_wait([once], within=5) == set()
+    assert swallowed.is_set() and once.cancelled()
+    stubborn = asyncio.create_task(swallows_until_released(), name="stubborn")
+    await asyncio.sleep(0)
+    assert await cancel_and_wait([stubborn], within=0.3) == {stubborn}  # bounded: returned, not awaited for ever
+    released.set()
+    await stubborn
