@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.cancellation import cancel_and_wait
 from gateway.records import ALERTS_STREAM
 from monitors.alerts import RETRAIN_REQUESTED
 from monitors.webhooks import WebhookSender
@@ -131,6 +132,5 @@ class AlertDelivery:
         if not tasks:
             return
         _, unfinished = await asyncio.wait(tasks, timeout=grace_seconds)
-        for task in unfinished:
-            task.cancel()
-        await asyncio.gather(*unfinished, return_exceptions=True)
+        abandoned = await cancel_and_wait(unfinished)
+        await asyncio.gather(*(unfinished - abandoned), return_exceptions=True)

@@ -17,6 +17,7 @@ import time
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.cancellation import cancel_and_wait
 from gateway.records import LOG_STREAM_PREFIX
 from monitors.consumer import ConsumerContext, StreamConsumer
 from monitors.delivery import AlertDelivery
@@ -110,9 +111,8 @@ class MonitorWorker:
         consumer, task = self._consumers.pop(stream)
         consumer.stop()
         _, pending = await asyncio.wait([task], timeout=_STOP_GRACE_SECONDS)
-        for unfinished in pending:
-            unfinished.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        if not await cancel_and_wait(pending):
+            await asyncio.gather(task, return_exceptions=True)  # collects its exception, if it ended on one
         self._ctx.metrics.forget_endpoint(_endpoint(stream))
         if release:
             # Its open windows were never committed: their entries stay pending for the next owner to re-read.
