@@ -189,13 +189,21 @@ def routes_get(
 @routes_app.command("set")
 def routes_set(
     endpoint: Annotated[str, typer.Argument(help="The endpoint to create or replace.")],
-    file: Annotated[Path, typer.Option("--file", "-f", exists=True, dir_okay=False, help="Route as YAML or JSON.")],
+    route_file: Annotated[
+        Path | None, typer.Argument(exists=True, dir_okay=False, help="Route as YAML or JSON (or use --file).")
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", exists=True, dir_okay=False, help="Route as YAML or JSON.")
+    ] = None,
     url: UrlOption = "http://127.0.0.1:8000",
     token: TokenOption = None,
 ) -> None:
     """Create or replace an endpoint's route from a YAML or JSON file."""
     import yaml
 
+    file = file or route_file
+    if file is None:
+        raise typer.BadParameter("give the route file: gatewatch routes set ENDPOINT FILE (or --file FILE)")
     content_type = "application/json" if file.suffix == ".json" else "application/yaml"
     stored = _admin_call(
         "PUT", f"{url.rstrip('/')}/admin/endpoints/{endpoint}", token,

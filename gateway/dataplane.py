@@ -270,7 +270,7 @@ class DataPlane:
 
     def _record(self, name: str, target: _Target | None, code: str, seconds: float) -> None:
         if target is None:
-            labels = (_UNKNOWN, DEFAULT_VARIANT, _UNKNOWN, _UNKNOWN)
+            labels = self._untargeted_labels(name)
         else:
             labels = (name, target.variant, target.loaded.model, str(target.loaded.version))
         key = (*labels, code)
@@ -282,6 +282,15 @@ class DataPlane:
         if histogram is None:
             histogram = self._duration_histograms[labels] = self._metrics.request_duration.labels(*labels)
         histogram.observe(seconds)
+
+    def _untargeted_labels(self, name: str) -> tuple[str, str, str, str]:
+        """Labels of a request refused before it reached a version (no such version, body too large, bad headers):
+        the name called when we serve it, else `_unknown`, so that arbitrary names cannot create series."""
+        if self._router.get(name) is not None:
+            return (name, DEFAULT_VARIANT, _UNKNOWN, _UNKNOWN)
+        if name in self._manager.model_names():
+            return (name, DEFAULT_VARIANT, name, _UNKNOWN)
+        return (_UNKNOWN, DEFAULT_VARIANT, _UNKNOWN, _UNKNOWN)
 
 
 def _exchange(

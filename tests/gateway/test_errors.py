@@ -341,6 +341,22 @@ def test_bad_input_counted_as_400_not_500(http: httpx.Client) -> None:
     assert count(after, "500") == 0
 
 
+def test_refusals_before_routing_are_counted_under_the_name_only_when_it_is_served(http: httpx.Client) -> None:
+    def count(endpoint: str, model: str) -> float:
+        return sum(
+            value
+            for labels, value in metric_samples(http.get("/metrics").text, "gatewatch_requests_total")
+            if (labels["endpoint"], labels["model"], labels["code"]) == (endpoint, model, "404")
+        )
+
+    served, unknown = count("tabular", "tabular"), count("_unknown", "_unknown")
+    assert_error(http.post("/v2/models/tabular/versions/9/infer", json={"inputs": [x3()]}), 404)
+    assert count("tabular", "tabular") == served + 1  # a served model: its name, the version unknown
+    for name in ("no-such-model", "another-made-up-name"):  # arbitrary names create no series of their own
+        assert_error(http.post(f"/v2/models/{name}/infer", json={"inputs": [x3()]}), 404)
+    assert count("_unknown", "_unknown") == unknown + 2
+
+
 # -- 413: body over max_body_bytes --------------------------------------------------------------------------
 
 MAX_BODY = 2048

@@ -798,8 +798,10 @@ def test_cli_routes_set_and_get(shared: GatewayProcess, tmp_path: Path) -> None:
 
     json_file = tmp_path / "route.json"
     json_file.write_bytes(orjson.dumps({"variants": [variant("teal", 2)]}))
-    assert cli("set", "clinew", "--file", str(json_file), "--url", shared.url).returncode == 0
+    assert cli("set", "clinew", str(json_file), "--url", shared.url).returncode == 0  # the file as an argument
     assert yaml.safe_load(cli("get", "clinew", "--url", shared.url).stdout)["variants"] == [variant("teal", 2)]
+    no_file = cli("set", "clinew", "--url", shared.url)
+    assert no_file.returncode == 2 and "route file" in no_file.stderr
 
     refused = cli("get", "clinew", "--url", shared.url, token=None)
     assert refused.returncode == 1 and "401" in refused.stderr
