@@ -3,8 +3,11 @@
 #
 #   docker build -t gatewatch .
 #   docker run -p 8000:8000 -v "$PWD/examples/models:/models:ro" gatewatch
-#   docker run gatewatch gatewatch monitor --metrics-host 0.0.0.0 --metrics-port 9100 --config /etc/gatewatch/gatewatch.yaml
+#   docker run -e GATEWATCH_REDIS_URL=redis://redis:6379/0 -e HEALTHCHECK_URL=http://127.0.0.1:9100/metrics \
+#     gatewatch gatewatch monitor --metrics-host 0.0.0.0 --metrics-port 9100 --config /etc/gatewatch/gatewatch.yaml
 #
+# The monitor must reach the gateway's Redis (GATEWATCH_REDIS_URL: without it each container starts its own
+# embedded Redis and the monitor sees no traffic), and its health check is its metrics endpoint, not port 8000.
 # The image's /etc/gatewatch/gatewatch.yaml serves /models with the embedded Redis; mount your own config over it
 # (deploy/gatewatch.yaml in compose, a ConfigMap in Kubernetes) and set GATEWATCH_* variables to override keys.
 #

