@@ -71,8 +71,11 @@ class GatewayProcess:
 
 
 def start_gateway(
-    config: Path, workdir: Path, env: dict[str, str] | None = None, ready_timeout: float = 60
+    config: Path, workdir: Path, env: dict[str, str] | None = None, ready_timeout: float = 60,
+    wait_path: str = "/v2/health/ready",
 ) -> GatewayProcess:
+    """A `gatewatch serve` process on a free port, once `wait_path` answers 200 (pass the liveness path for a
+    gateway that is not meant to become ready)."""
     port = free_port()
     log_path = workdir / f"gateway-{port}.log"
     command = [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
@@ -83,7 +86,7 @@ def start_gateway(
         )
     gateway = GatewayProcess(process, f"http://127.0.0.1:{port}", log_path)
     try:
-        wait_until_serving(process, f"{gateway.url}/v2/health/ready", ready_timeout, "gateway", gateway.log)
+        wait_until_serving(process, f"{gateway.url}{wait_path}", ready_timeout, "gateway", gateway.log)
     except RuntimeError:
         gateway.terminate()
         raise

@@ -133,7 +133,8 @@ class ModelManager:
                 logger.warning("registry unreachable at start: serving %d model(s) from the cache", len(cached))
                 for index in cached:
                     await self._sync_model(index)
-                self.ready = True
+                # Ready only with something to serve: a first start with no cache waits for the registry.
+                self.ready = any(state.versions for state in self._models.values())
                 raise
             # One model's unreachable artifacts must not hold back the others: sync all, then report.
             unavailable = [error for index in indexes if (error := await self._sync_model(index)) is not None]

@@ -57,21 +57,28 @@ def promote(
         if note is not None:
             (moved if kept == target else refused).append(note)
     latest = current_latest if current_latest in loaded else None
-    for version in sorted(v for v in loaded if latest is None or v > latest):
+    if latest is None and loaded:
+        # Nothing serves through `latest` yet: it is simply the highest version that loaded (design.md).
+        latest = max(loaded)
+        moved.append(f"latest: -> v{latest}")
+    for version in sorted(v for v in loaded if latest is not None and v > latest):
         kept, note = _move("latest", latest, version, loaded)
-        if note is not None and kept != version:
-            refused.append(note)
+        if note is not None:
+            (moved if kept == version else refused).append(note)
         latest = kept
     return Promotion(aliases, latest, moved, refused)
 
 
 def _move(name: str, old: int | None, new: int, loaded: Mapping[int, OnnxRunner]) -> tuple[int | None, str | None]:
     """(the version `name` points at afterwards, a note when something moved or was refused)."""
-    if old == new:
+    if old == new and new in loaded:
         return new, None
     if new not in loaded:
-        keep = old if old in loaded else None
-        return keep, f"{name} -> v{new}: that version is not loaded" if keep is not None else None
+        if old in loaded and old != new:
+            return old, f"{name} -> v{new}: that version is not loaded"
+        # Nothing loaded to point at (the version was deleted, refused, or is still loading): the name is unset,
+        # and requests that relied on it go to `latest` (the model's default) or get a 404 naming the version.
+        return None, f"{name} -> v{new}: that version is not loaded; {name} is unset until it is"
     if old is None or old not in loaded:
         return new, f"{name}: -> v{new}"
     reason = incompatibility(loaded[old], loaded[new])

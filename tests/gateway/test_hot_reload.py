@@ -15,6 +15,7 @@ Clients are concurrent `httpx.AsyncClient` tasks; every wait polls a condition a
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -456,6 +457,22 @@ async def test_transient_fetch_failure_keeps_the_versions_already_loaded(
 
 
 # -- MLflow: registry outage, cold start from the cache, recovery ----------------------------------------------------
+
+
+async def test_mlflow_unreachable_at_first_start_is_not_ready_until_it_answers(tmp_path: Path) -> None:
+    """No registry and nothing cached: nothing to serve, so not ready (503), rather than ready with 404s."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        nobody = closed.getsockname()[1]  # bound, never listening: connections are refused
+        config = gateway_config(tmp_path, f"mlflow+http://127.0.0.1:{nobody}")
+        gateway = start_gateway(config, tmp_path, wait_path="/v2/health/live")
+        try:
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+                await wait_log(gateway, "registry unavailable", count=2)  # the start, then at least one poll
+                ready = await http.get("/v2/health/ready")
+                assert ready.status_code == 503 and "Retry-After" in ready.headers
+        finally:
+            assert gateway.terminate() == 0
 
 
 async def test_mlflow_outage_cold_start_from_cache_and_recovery(
