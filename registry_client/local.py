@@ -16,7 +16,7 @@ from registry_client.base import (
     read_meta,
     verify_artifact,
 )
-from registry_client.errors import RegistryUnavailable, VersionNotFound
+from registry_client.errors import RegistryError, RegistryUnavailable, VersionNotFound
 
 
 class DirectoryRegistry:
@@ -65,10 +65,11 @@ class DirectoryRegistry:
             return {}
         try:
             raw = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return {}
+        except (OSError, ValueError) as exc:
+            # Perhaps caught half-written: reading it as "no aliases" would move every alias away meanwhile.
+            raise RegistryError(f"{path} is not readable JSON ({exc}); write it atomically") from exc
         if not isinstance(raw, dict):
-            return {}
+            raise RegistryError(f"{path} must be a JSON object of alias -> version, got {type(raw).__name__}")
         return {
             str(name): int(v)
             for name, v in raw.items()

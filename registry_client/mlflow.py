@@ -40,6 +40,7 @@ API = "/api/2.0/mlflow"
 ARTIFACTS = "/api/2.0/mlflow-artifacts/artifacts"
 WANTED_FILES = (MODEL_FILE, META_FILE, REFERENCE_FILE)
 _COMPLETE = ".complete"
+_REVISION = ".revision"  # the registry's revision (registration time, sha256 tag) the copy was downloaded for
 _INDEX = "index.json"
 _PAGE = 200
 
@@ -47,13 +48,14 @@ logger = logging.getLogger(__name__)
 
 
 def credentials_from_env(env: Mapping[str, str]) -> httpx.Auth | None:
-    """MLflow's own variables: MLFLOW_TRACKING_TOKEN (bearer) or MLFLOW_TRACKING_USERNAME / _PASSWORD."""
-    token = env.get("MLFLOW_TRACKING_TOKEN")
-    if token:
-        return _Bearer(token)
+    """MLflow's own variables, with its client's precedence: MLFLOW_TRACKING_USERNAME / _PASSWORD (basic), else
+    MLFLOW_TRACKING_TOKEN (bearer)."""
     user, password = env.get("MLFLOW_TRACKING_USERNAME"), env.get("MLFLOW_TRACKING_PASSWORD")
     if user and password:
         return httpx.BasicAuth(user, password)
+    token = env.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        return _Bearer(token)
     return None
 
 
@@ -74,6 +76,7 @@ class MlflowRegistry:
         self._base = base.rstrip("/")
         self._cache = cache_dir
         self._client = httpx.AsyncClient(base_url=self._base, auth=auth, timeout=timeout)
+        self._revisions: dict[tuple[str, int], str] = {}  # what the registry said each version is, last index
         self.description = f"MLflow registry at {self._base} (cache {cache_dir})"
 
     async def aclose(self) -> None:
@@ -88,10 +91,10 @@ class MlflowRegistry:
     async def index(self, model: str) -> ModelIndex:
         registered = (await self._get(f"{API}/registered-models/get", {"name": model}))["registered_model"]
         aliases = {str(a["alias"]): int(a["version"]) for a in registered.get("aliases", [])}
-        escaped = model.replace("'", "\\'")
-        versions = await self._paged(f"{API}/model-versions/search", "model_versions", {"filter": f"name='{escaped}'"})
-        ready = tuple(sorted(int(v["version"]) for v in versions if v.get("status", "READY") == "READY"))
-        index = ModelIndex(model=model, versions=ready, aliases=aliases)
+        versions = await self._paged(f"{API}/model-versions/search", "model_versions", {"filter": _name_filter(model)})
+        revisions = {int(v["version"]): _revision(v) for v in versions if v.get("status", "READY") == "READY"}
+        self._revisions.update({(model, version): revision for version, revision in revisions.items()})
+        index = ModelIndex(model, tuple(sorted(revisions)), aliases, revisions)
         await asyncio.to_thread(self._remember_index, index)
         return index
 
@@ -101,6 +104,11 @@ class MlflowRegistry:
 
     async def fetch(self, model: str, version: int) -> ModelArtifact:
         target = self._cache / model / str(version)
+        revision = self._revisions.get((model, version))
+        if revision is not None and not await asyncio.to_thread(_cached_as, target, revision):
+            # A model deleted and registered again restarts at version 1, and a sha256 tag may be corrected: the
+            # cached copy is another artifact than the registry's version now (unknown offline: then it is used).
+            await asyncio.to_thread(self._discard, target)
         if (target / _COMPLETE).is_file():
             try:
                 return await asyncio.to_thread(self._verified, model, version, target)
@@ -121,6 +129,7 @@ class MlflowRegistry:
             for name, (path, size) in listing.items():
                 await self._download(path, staging / name, size)
             expected = _sha256_tag(version_info)
+            await asyncio.to_thread((staging / _REVISION).write_text, _revision(version_info))
             await asyncio.to_thread(self._finish, staging, target, expected)
         finally:
             await asyncio.to_thread(shutil.rmtree, staging, True)
@@ -271,6 +280,31 @@ def _proxy_path(artifact_uri: str) -> str:
             reason="unsupported_artifact_location",
         )
     return parts.path.strip("/")
+
+
+def _name_filter(model: str) -> str:
+    """The search filter for one model's versions. MLflow's filter strings have no escape character: a name
+    holding a single quote is quoted with double quotes instead."""
+    if "'" not in model:
+        return f"name='{model}'"
+    if '"' not in model:
+        return f'name="{model}"'
+    raise RegistryError(f"model name {model!r} holds both quote characters, which MLflow's search filter cannot quote")
+
+
+def _revision(version_info: dict[str, Any]) -> str:
+    """What identifies this version's artifact beyond its number: when it was registered, and its sha256 tag."""
+    return f"{version_info.get('creation_timestamp', '')}:{_sha256_tag(version_info) or ''}"
+
+
+def _cached_as(directory: Path, revision: str) -> bool:
+    """Whether the cached copy (if any) was downloaded for this revision of the version; no copy counts as yes."""
+    if not directory.exists():
+        return True
+    try:
+        return (directory / _REVISION).read_text() == revision
+    except OSError:
+        return False
 
 
 def _sha256_tag(version_info: dict[str, Any]) -> str | None:

@@ -125,7 +125,7 @@ class ModelManager:
         """
         async with self._sync_lock:
             try:
-                indexes = await self._live_indexes()
+                indexes, unreadable = await self._live_indexes()
             except RegistryUnavailable:
                 if self.ready or not isinstance(self._registry, OfflineSnapshot):
                     raise
@@ -138,20 +138,27 @@ class ModelManager:
                 raise
             # One model's unreachable artifacts must not hold back the others: sync all, then report.
             unavailable = [error for index in indexes if (error := await self._sync_model(index)) is not None]
-            for name in set(self._models) - {index.model for index in indexes}:
+            for name in set(self._models) - {index.model for index in indexes} - unreadable:
                 await self._unload_model(name)
             self.ready = True
             if unavailable:
                 raise unavailable[0]
 
-    async def _live_indexes(self) -> list[ModelIndex]:
-        indexes = []
+    async def _live_indexes(self) -> tuple[list[ModelIndex], set[str]]:
+        """Each model's index, and the models whose index could not be read this time (they keep their state)."""
+        indexes: list[ModelIndex] = []
+        unreadable: set[str] = set()
         for name in await self._registry.list_models():
             try:
                 indexes.append(await self._registry.index(name))
             except VersionNotFound:
                 continue  # deleted between the listing and now
-        return indexes
+            except RegistryUnavailable:
+                raise
+            except RegistryError as exc:
+                logger.error("%s: cannot read its versions and aliases (%s); what is loaded keeps serving", name, exc)
+                unreadable.add(name)
+        return indexes, unreadable
 
     async def poll_forever(self, interval: float) -> None:
         """Sync every `interval` seconds; while the registry is unreachable, keep serving and back off."""

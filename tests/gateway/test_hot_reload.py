@@ -640,3 +640,28 @@ async def test_directory_version_caught_while_being_written_loads_once_the_write
             assert await version_ready(http, name, 2)
     finally:
         assert gateway.terminate() == 0
+
+
+async def test_directory_aliases_file_caught_half_written_moves_no_alias(tmp_path: Path) -> None:
+    """An unreadable aliases.json (an editor truncating it before writing) is not "no aliases": the champion stays
+    where it was, instead of default traffic going to `latest` until the next poll."""
+    registry = tmp_path / "models"
+    name = "halfaliases"
+    for version in (1, 2):
+        om.write_version(registry, name, version, om.tabular_classifier(seed=version))
+    om.write_aliases(registry, name, {"champion": 1})
+    config = write_config(
+        tmp_path / "gatewatch.yaml", registry, registry_poll_seconds=POLL_SECONDS, log_enabled="false"
+    )
+    gateway = start_gateway(config, tmp_path)
+    try:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+            assert await serving_version(http, name) == 1
+            (registry / name / "aliases.json").write_text('{"champ')
+            await wait_log(gateway, f"{name}: cannot read its versions and aliases", count=2)  # two polls at least
+            assert await serving_version(http, name) == 1
+            assert (await metadata(http, name))["aliases"] == {"champion": "1"}
+            om.write_aliases(registry, name, {"champion": 2})
+            await wait_serving(http, name, 2)
+    finally:
+        assert gateway.terminate() == 0

@@ -22,7 +22,7 @@ from gateway.runtime.manager import ModelManager
 from gateway.runtime.runner import SessionOptions
 from loadtests import onnx_models as om
 from registry_client.base import file_sha256, parse_version_ref
-from registry_client.errors import ArtifactRejected, RegistryUnavailable, VersionNotFound
+from registry_client.errors import ArtifactRejected, RegistryError, RegistryUnavailable, VersionNotFound
 from registry_client.factory import open_registry
 from registry_client.local import DirectoryRegistry
 
@@ -106,12 +106,12 @@ async def test_aliases_accept_digit_strings_and_drop_invalid_values(tmp_path: Pa
 
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '"champion"', ""])
-async def test_aliases_unreadable_file_means_no_aliases(tmp_path: Path, content: str) -> None:
+async def test_unreadable_aliases_file_is_an_error_not_no_aliases(tmp_path: Path, content: str) -> None:
+    """Read as "no aliases", a file caught half-written would move every alias away until the next poll."""
     version_dir(tmp_path, "m", "1")
     (tmp_path / "m" / "aliases.json").write_text(content)
-    index = await DirectoryRegistry(tmp_path).index("m")
-    assert index.versions == (1,)
-    assert index.aliases == {}
+    with pytest.raises(RegistryError, match="aliases.json"):
+        await DirectoryRegistry(tmp_path).index("m")
 
 
 # -- fetch and verification ---------------------------------------------------------------------------------

@@ -73,7 +73,8 @@ def register_files(
 ) -> int:
     """Log `files` under a run's `model/` artifact directory and register that directory as a new version."""
     client = client_for(server)
-    if not client.search_registered_models(filter_string=f"name='{name}'"):
+    quote = '"' if "'" in name else "'"
+    if not client.search_registered_models(filter_string=f"name={quote}{name}{quote}"):
         client.create_registered_model(name)
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run() as run:
         for file_name, payload in files.items():
@@ -296,7 +297,8 @@ async def test_fetch_downloads_the_version_files_into_the_cache(mlflow_server: M
         artifact = await registry.fetch(name, v1)
         assert (artifact.model, artifact.version) == (name, v1)
         assert artifact.directory == cache / name / str(v1)
-        assert cached_files(artifact.directory) == {"model.onnx", "meta.json", "reference.npz", ".complete"}
+        assert cached_files(artifact.directory) == {
+            "model.onnx", "meta.json", "reference.npz", ".complete", ".revision"}
         assert artifact.model_path.read_bytes() == model
         assert artifact.meta == meta
         assert artifact.reference_path is not None and artifact.reference_path.read_bytes() == reference
@@ -306,7 +308,7 @@ async def test_fetch_downloads_the_version_files_into_the_cache(mlflow_server: M
         # MLflow 3's logged model: the version's source is `models:/m-…`; only model.onnx is a version file.
         logged_artifact = await registry.fetch(name, v2)
         assert logged_artifact.directory == cache / name / str(v2)
-        assert cached_files(logged_artifact.directory) == {"model.onnx", ".complete"}
+        assert cached_files(logged_artifact.directory) == {"model.onnx", ".complete", ".revision"}
         assert onnx.load_from_string(logged_artifact.model_path.read_bytes()) == logged
         assert logged_artifact.meta == {}
         assert logged_artifact.reference_path is None
@@ -411,6 +413,46 @@ async def test_wrong_sha256_tag_is_rejected(mlflow_server: MlflowServer, cache: 
     assert leftovers(cache, name) == []
 
 
+async def test_a_model_registered_again_is_not_served_from_the_old_cached_copy(
+    mlflow_server: MlflowServer, cache: Path
+) -> None:
+    """MLflow numbers versions from 1 again when a model is deleted and registered anew: same name, same version
+    number, another artifact. The cache must not hand back the old one."""
+    name = unique_name("recycled")
+    first, second = onnx_bytes(om.identity("FP32", width=3)), onnx_bytes(om.identity("FP32", width=5))
+    version = register_onnx(mlflow_server, name, first)
+    async with opened(mlflow_server.url, cache) as registry:
+        old_revision = (await registry.index(name)).revisions[version]
+        assert (await registry.fetch(name, version)).model_path.read_bytes() == first
+        client_for(mlflow_server).delete_registered_model(name)
+        assert register_onnx(mlflow_server, name, second) == version
+        index = await registry.index(name)
+        assert index.revisions[version] != old_revision
+        assert (await registry.fetch(name, version)).model_path.read_bytes() == second
+    assert leftovers(cache, name) == []
+
+
+async def test_a_corrected_sha256_tag_changes_the_versions_revision(mlflow_server: MlflowServer, cache: Path) -> None:
+    """The gateway tries a refused version again when its revision changes: fixing the tag must change it."""
+    name = unique_name("retagged")
+    payload = onnx_bytes(om.identity("FP32"))
+    version = register_onnx(mlflow_server, name, payload, sha256="0" * 64)
+    async with opened(mlflow_server.url, cache) as registry:
+        before = (await registry.index(name)).revisions[version]
+        with pytest.raises(ArtifactRejected):
+            await registry.fetch(name, version)
+        client_for(mlflow_server).set_model_version_tag(name, str(version), "sha256", sha256_of(payload))
+        assert (await registry.index(name)).revisions[version] != before
+        assert (await registry.fetch(name, version)).model_path.read_bytes() == payload
+
+
+async def test_a_name_with_a_quote_finds_its_versions(mlflow_server: MlflowServer, cache: Path) -> None:
+    name = unique_name("it's")  # MLflow's filter strings have no escape: the name is quoted with "…"
+    version = register_onnx(mlflow_server, name, onnx_bytes(om.identity("FP32")))
+    async with opened(mlflow_server.url, cache) as registry:
+        assert (await registry.index(name)).versions == (version,)
+
+
 async def test_meta_json_sha256_mismatch_is_rejected(mlflow_server: MlflowServer, cache: Path) -> None:
     name = unique_name("bad-meta-sha")
     payload = onnx_bytes(om.identity("FP32"))
@@ -501,9 +543,9 @@ def basic(user: str, password: str) -> str:
     [
         ({"MLFLOW_TRACKING_TOKEN": "t0k-en"}, "Bearer t0k-en"),
         ({"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "s3:cr=t"}, basic("alice", "s3:cr=t")),
-        (
-            {"MLFLOW_TRACKING_TOKEN": "wins", "MLFLOW_TRACKING_USERNAME": "a", "MLFLOW_TRACKING_PASSWORD": "b"},
-            "Bearer wins",
+        (  # both: basic, as MLflow's own client does (mlflow/utils/rest_utils.py)
+            {"MLFLOW_TRACKING_TOKEN": "loses", "MLFLOW_TRACKING_USERNAME": "a", "MLFLOW_TRACKING_PASSWORD": "b"},
+            basic("a", "b"),
         ),
         ({"MLFLOW_TRACKING_USERNAME": "alice"}, None),  # a user without a password is no credential
         ({"MLFLOW_TRACKING_TOKEN": ""}, None),
