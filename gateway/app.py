@@ -38,7 +38,7 @@ from gateway.runtime.batcher import BatchLimits
 from gateway.runtime.manager import ModelManager
 from gateway.runtime.runner import SessionOptions
 from gateway.settings import Settings, load_settings
-from registry_client.errors import RegistryUnavailable
+from registry_client.errors import RegistryError, RegistryUnavailable
 from registry_client.factory import open_registry
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,8 @@ def create_app(settings: Settings, metrics_registry: CollectorRegistry | None = 
             await manager.sync()
         except RegistryUnavailable as exc:
             logger.error("registry unavailable at start (%s); not ready until it answers", exc)
+        except RegistryError as exc:  # e.g. the URL answers but is no MLflow registry: say so, keep polling
+            logger.error("registry at start: %s; not ready until it answers as a registry", exc)
         store = RouteStore(redis.client, router, lambda endpoint, route: check_route(endpoint, route, signature))
         await _load_routes(store, router, settings, signature)
         admin.attach_store(store)

@@ -15,7 +15,10 @@ Clients are concurrent `httpx.AsyncClient` tasks; every wait polls a condition a
 from __future__ import annotations
 
 import asyncio
+import functools
+import http.server
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -473,6 +476,25 @@ async def test_mlflow_unreachable_at_first_start_is_not_ready_until_it_answers(t
                 assert ready.status_code == 503 and "Retry-After" in ready.headers
         finally:
             assert gateway.terminate() == 0
+
+
+async def test_a_registry_url_that_is_no_mlflow_server_leaves_the_gateway_up_and_not_ready(tmp_path: Path) -> None:
+    """A wrong URL (here a plain web server answering 404) is a configuration error to report, not a crash."""
+    (tmp_path / "www").mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as web:
+        threading.Thread(target=web.serve_forever, daemon=True).start()
+        try:
+            config = gateway_config(tmp_path, f"mlflow+http://127.0.0.1:{web.server_address[1]}")
+            gateway = start_gateway(config, tmp_path, wait_path="/v2/health/live")
+            try:
+                async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+                    await wait_log(gateway, "not ready until it answers as a registry")
+                    assert (await client.get("/v2/health/ready")).status_code == 503
+            finally:
+                assert gateway.terminate() == 0
+        finally:
+            web.shutdown()
 
 
 async def test_mlflow_outage_cold_start_from_cache_and_recovery(
