@@ -91,7 +91,8 @@ class ShadowMirror:
             async with self._lane:
                 results = await loaded.batcher.infer(dict(primary.inputs), primary.rows, None)
             outputs = list(zip(loaded.runner.output_names, results, strict=True))
-            if disagrees(primary.outputs, dict(outputs), shadow.tolerance):
+            regression = loaded.artifact.meta.get("task") == "regression"
+            if disagrees(primary.outputs, dict(outputs), shadow.tolerance, regression):
                 self._metrics.disagreements.labels(primary.endpoint, shadow.name).inc()
         except Overloaded as exc:
             self._metrics.skipped.labels(primary.endpoint, shadow.name).inc()
@@ -120,8 +121,11 @@ class ShadowMirror:
             )
 
 
-def disagrees(primary: dict[str, np.ndarray], shadow: dict[str, np.ndarray], tolerance: float) -> bool:
-    """Outputs both models have: class outputs by argmax (or equality for labels), others by max abs difference."""
+def disagrees(
+    primary: dict[str, np.ndarray], shadow: dict[str, np.ndarray], tolerance: float, regression: bool = False
+) -> bool:
+    """Outputs both models have: labels by equality, class scores ([N, k] floats) by argmax, and regression outputs
+    (meta.json `task: regression`, or any other float output) by max abs difference against `tolerance`."""
     for name in primary.keys() & shadow.keys():
         a, b = primary[name], shadow[name]
         if a.shape != b.shape:
@@ -129,7 +133,7 @@ def disagrees(primary: dict[str, np.ndarray], shadow: dict[str, np.ndarray], tol
         if a.dtype.kind in "OUSb" or a.dtype.kind in "iu":
             if not np.array_equal(a, b):
                 return True
-        elif a.ndim == 2 and a.shape[1] > 1:
+        elif not regression and a.ndim == 2 and a.shape[1] > 1:
             if not np.array_equal(a.argmax(axis=1), b.argmax(axis=1)):
                 return True
         elif a.size and float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) > tolerance:

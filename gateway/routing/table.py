@@ -86,6 +86,9 @@ class Route(_Strict):
             raise ValueError(f"duplicate variant names: {', '.join(duplicates)}")
         if len(self.variants) < 2 and self.strategy == "bandit":
             raise ValueError("a bandit route needs at least two variants")
+        if self.sticky and self.strategy == "bandit":
+            # A bandit moves keys between variants as it learns: it cannot also keep each key on one variant.
+            raise ValueError("sticky routing applies to weighted routes; a bandit route cannot be sticky")
         if self.bandit.min_share * len(self.variants) > 1:
             raise ValueError("bandit.min_share times the number of variants must not exceed 1")
         return self
@@ -111,16 +114,21 @@ Signature = Callable[[str, int | str], tuple[tuple[TensorSpec, ...], tuple[Tenso
 
 
 def check_route(endpoint: str, route: Route, signature: Signature) -> None:
-    """Every variant resolves to a loaded version, and shadows accept the primary variants' inputs."""
+    """Every variant resolves to a loaded version, and all variants and shadows take the same inputs (a client
+    cannot know which variant will answer, so a request must suit every one of them)."""
     problems: list[str] = []
     primary_inputs: tuple[TensorSpec, ...] | None = None
+    first = ""
     for variant in route.variants:
         try:
             inputs, _ = signature(variant.model, variant.version)
         except GatewayError as exc:
             problems.append(f"variant {variant.name!r}: {exc.message}")
             continue
-        primary_inputs = primary_inputs or inputs
+        if primary_inputs is None:
+            primary_inputs, first = inputs, variant.name
+        elif _by_name(inputs) != _by_name(primary_inputs):
+            problems.append(f"variant {variant.name!r}: its inputs differ from variant {first!r}'s")
     for shadow in route.shadow:
         try:
             inputs, _ = signature(shadow.model, shadow.version)

@@ -645,7 +645,13 @@ INVALID_PUTS: dict[str, tuple[bytes, str, str]] = {
         *json_body({"variants": [variant("x", 1)], "shadow": [{"name": "s", "model": "summer", "version": 1}]}),
         "inputs",
     ),
+    "variants with other inputs": (  # a request cannot suit both: part of the traffic would fail with 400
+        *json_body({"variants": [variant("x", 1), variant("y", 1, model="id_fp32")]}), "inputs differ",
+    ),
     "bandit of one variant": (*json_body({"variants": [variant("x", 1)], "strategy": "bandit"}), "two variants"),
+    "sticky bandit": (
+        *json_body({"variants": [variant("x", 1), variant("y", 2)], "strategy": "bandit", "sticky": "id"}), "sticky",
+    ),
     "unknown field": (*json_body({"variants": [variant("x", 1)], "mirror": []}), "mirror"),
     "invalid JSON": (b'{"variants": [', "application/json", "JSON"),
     "JSON that is not a route": (b"[1, 2]", "application/json", "route"),

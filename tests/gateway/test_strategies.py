@@ -326,6 +326,11 @@ def test_shadow_disagreement_rules() -> None:
     assert disagrees({"y": np.array([1.0, 2.0])}, {"y": np.array([1.0, 2.1])}, 0.05)
     assert disagrees({"y": np.zeros((2, 1))}, {"y": np.zeros((3, 1))}, 1.0)
     assert not disagrees({"y": np.zeros(2)}, {"other": np.ones(2)}, 0.0)  # nothing in common to compare
+    # A regression model with several output columns (meta.json task: regression): every value against tolerance.
+    several = np.array([[1.0, 2.0, 3.0]])
+    assert disagrees({"y": several}, {"y": several + 0.5}, 1e-6, regression=True)
+    assert not disagrees({"y": several}, {"y": several + 0.5}, 1e-6)  # read as class scores: same argmax
+    assert not disagrees({"y": several}, {"y": several + 0.5}, 0.6, regression=True)
 
 
 # -- route schema -----------------------------------------------------------------------------------------
