@@ -30,6 +30,7 @@ from gateway.protocol.types import Feedback, InferenceRequest
 from gateway.records import PayloadPolicy
 from gateway.redis_connection import RedisConnection, open_redis
 from gateway.routing.admin import RouteAdmin
+from gateway.routing.feedback_relay import FeedbackRelay
 from gateway.routing.router import Router
 from gateway.routing.shadow import ShadowMetrics, ShadowMirror
 from gateway.routing.store import RouteStore
@@ -80,6 +81,9 @@ def create_app(settings: Settings, metrics_registry: CollectorRegistry | None = 
             logger.error("registry unavailable at start (%s); not ready until it answers", exc)
         except RegistryError as exc:  # e.g. the URL answers but is no MLflow registry: say so, keep polling
             logger.error("registry at start: %s; not ready until it answers as a registry", exc)
+        relay = FeedbackRelay(redis.client, router)
+        relay.start()
+        dataplane.attach_relay(relay)
         store = RouteStore(redis.client, router, lambda endpoint, route: check_route(endpoint, route, signature))
         await _load_routes(store, router, settings, signature)
         admin.attach_store(store)
@@ -92,6 +96,7 @@ def create_app(settings: Settings, metrics_registry: CollectorRegistry | None = 
             # uvicorn has stopped accepting and answered in-flight requests by now.
             await cancel_and_wait([poller])
             await store.aclose()
+            await relay.aclose()
             await shadows.aclose()  # shadows of the last requests still use the batchers
             await manager.aclose()  # drain every batcher
             if writer is not None:

@@ -79,6 +79,12 @@ class _Attempt:
     declared_rows: int = 0  # what a request refused while decoding said its batch size was
 
 
+class FeedbackRelaySink(Protocol):
+    """Where feedback for a request this process did not answer goes (the other processes, through Redis)."""
+
+    def publish(self, endpoint: str, request_id: str, label: object, reward: float | None) -> None: ...
+
+
 class LogSink(Protocol):
     """Where exchanges and feedback go (the Redis log writer); must never block."""
 
@@ -94,8 +100,12 @@ class DataPlane:
         self._router = router
         self._shadows = shadows
         self._log: LogSink | None = None
+        self._relay: FeedbackRelaySink | None = None
         self._request_counters: dict[tuple[str, ...], Any] = {}
         self._duration_histograms: dict[tuple[str, ...], Any] = {}
+
+    def attach_relay(self, relay: FeedbackRelaySink | None) -> None:
+        self._relay = relay
 
     def attach_log(self, log: LogSink | None) -> None:
         """Set once the log writer is up (it needs Redis, which the app's lifespan opens)."""
@@ -258,7 +268,11 @@ class DataPlane:
             raise InvalidInput(f"'reward' must be a finite number, got {reward!r}")
         fields = feedback_fields(request_id, int(time.time() * 1000), payload.get("label"), reward)
         self._log.feedback(feedback_stream(name), fields)
-        self._router.reward(name, request_id, payload.get("label"), None if reward is None else float(reward))
+        value = None if reward is None else float(reward)
+        if not self._router.reward(name, request_id, payload.get("label"), value) and self._relay is not None:
+            route = self._router.get(name)
+            if route is not None and route.route.strategy == "bandit":
+                self._relay.publish(name, request_id, payload.get("label"), value)  # another process answered it
 
     def _route(self, call: InferCall) -> _Target:
         """An endpoint's route picks a variant; a model name (or a pinned version) bypasses any split."""

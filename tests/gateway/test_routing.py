@@ -49,7 +49,7 @@ ALPHA = 0.001  # the issue's significance level for the split tests
 CONCURRENCY = 16
 
 # Redis databases, one per gateway group (0 belongs to the conftest's `redis_client`).
-DB_SHARED, DB_SLOW_SHADOW, DB_PAIR, DB_NO_TOKEN, DB_DELETE = 1, 2, 3, 4, 5
+DB_SHARED, DB_SLOW_SHADOW, DB_PAIR, DB_NO_TOKEN, DB_DELETE, DB_RELAY = 1, 2, 3, 4, 5, 6
 
 
 # -- models, configs, gateways --------------------------------------------------------------------------
@@ -559,6 +559,43 @@ async def test_two_gateways_share_routes_through_redis(
         assert (await client.get("/admin/endpoints")).json() == {"endpoints": {"pair": stored}}
     served = await drive(restarted.url, "pair", 50)
     assert assert_served_by(served, {"c": "2"}) == Counter({"c": 50})
+
+
+async def test_feedback_sent_to_another_gateway_reaches_the_bandit_that_answered(
+    registry: Path, redis_server: RedisServer, tmp_path: Path, launch: Callable[[Path], GatewayProcess]
+) -> None:
+    """Replicas behind a load balancer: the request goes to one, its feedback to another. The one that answered
+    (and remembers which variant did) gets the reward through Redis."""
+    url = redis_db(redis_server, DB_RELAY)
+    bandit = {"strategy": "bandit", "variants": [variant("a", 1), variant("b", 2)]}
+    one, two = await asyncio.gather(*(
+        asyncio.to_thread(launch, gateway_config(tmp_path / name, registry, url, {"relayed": bandit}))
+        for name in ("one", "two")
+    ))
+    answers = await drive(one.url, "relayed", 60, concurrency=4)
+    rewards = {"a": 0.0, "b": 1.0}
+    async with httpx.AsyncClient(base_url=two.url, timeout=30) as other:
+        for answer in answers:
+            assert answer.variant is not None
+            sent = await other.post("/v2/models/relayed/feedback",
+                                    json={"id": answer.request_id, "reward": rewards[answer.variant]})
+            assert sent.status_code == 200, sent.text
+    served = Counter(answer.variant for answer in answers)
+
+    async def rewards_arrived() -> bool:
+        async with admin_client(one) as client:
+            stats = (await client.get("/admin/endpoints/relayed/stats")).json()["variants"]
+        return all(stats[name]["reward_mean"] is not None for name in served)
+
+    await eventually(rewards_arrived, 10.0, "every relayed reward credited on the gateway that answered")
+    async with admin_client(one) as client:
+        stats = (await client.get("/admin/endpoints/relayed/stats")).json()["variants"]
+    for name in served:
+        assert stats[name]["pulls"] == served[name]
+        assert stats[name]["reward_mean"] == pytest.approx(rewards[name])
+    async with admin_client(two) as client:  # the other gateway answered nothing and learned nothing
+        idle = (await client.get("/admin/endpoints/relayed/stats")).json()["variants"]
+    assert all(values["pulls"] == 0 for values in idle.values())
 
 
 # -- admin API: 401 and 422 ---------------------------------------------------------------------------------
