@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 
@@ -199,9 +199,10 @@ class DataPlane:
         """Log a request refused before it reached a model version (bad headers, body too large, no such
         version) when `name` is served; requests for unknown names are only counted, so that arbitrary names
         cannot create streams."""
-        if self._log is None or (self._router.get(name) is None and name not in self._manager.model_names()):
+        served = self._served_as(name)
+        if self._log is None or served is None:
             return
-        model = "" if self._router.get(name) is not None else name
+        model = "" if served == "endpoint" else name
         self._log.log(
             Exchange(request_id, arrived_ms, name, DEFAULT_VARIANT, ROLE_PRIMARY, model, None, 0, status, latency_ms,
                      error)
@@ -300,11 +301,16 @@ class DataPlane:
     def _untargeted_labels(self, name: str) -> tuple[str, str, str, str]:
         """Labels of a request refused before it reached a version (no such version, body too large, bad headers):
         the name called when we serve it, else `_unknown`, so that arbitrary names cannot create series."""
+        served = self._served_as(name)
+        if served is None:
+            return (_UNKNOWN, DEFAULT_VARIANT, _UNKNOWN, _UNKNOWN)
+        return (name, DEFAULT_VARIANT, name if served == "model" else _UNKNOWN, _UNKNOWN)
+
+    def _served_as(self, name: str) -> Literal["endpoint", "model"] | None:
+        """What a name we serve is (an endpoint wins over a model of the same name); None for names we do not."""
         if self._router.get(name) is not None:
-            return (name, DEFAULT_VARIANT, _UNKNOWN, _UNKNOWN)
-        if name in self._manager.model_names():
-            return (name, DEFAULT_VARIANT, name, _UNKNOWN)
-        return (_UNKNOWN, DEFAULT_VARIANT, _UNKNOWN, _UNKNOWN)
+            return "endpoint"
+        return "model" if name in self._manager.model_names() else None
 
 
 def _exchange(

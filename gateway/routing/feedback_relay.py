@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.cancellation import cancel_and_wait
+from gateway.pubsub import listen_forever
 from gateway.routing.router import Router
 
 logger = logging.getLogger(__name__)
@@ -55,18 +56,9 @@ class FeedbackRelay:
             logger.warning("feedback for another process not relayed (redis: %s)", exc)
 
     async def _listen(self) -> None:
-        while True:
-            try:
-                async with self._redis.pubsub() as pubsub:
-                    await pubsub.subscribe(CHANNEL)
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            self._apply(message["data"])
-            except (RedisError, OSError) as exc:
-                logger.warning("feedback relay lost redis (%s); retrying", exc)
-                await asyncio.sleep(1.0)
+        await listen_forever(self._redis, CHANNEL, self._apply)
 
-    def _apply(self, data: bytes) -> None:
+    async def _apply(self, data: bytes) -> None:
         try:
             feedback = orjson.loads(data)
             if feedback["origin"] == self._origin:

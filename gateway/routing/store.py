@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from gateway.cancellation import cancel_and_wait
 from gateway.errors import GatewayError, NotReady
+from gateway.pubsub import listen_forever
 from gateway.routing.table import Route, parse_route
 
 logger = logging.getLogger(__name__)
@@ -92,17 +93,11 @@ class RouteStore:
         await cancel_and_wait(self._tasks)
 
     async def _listen(self) -> None:
-        while True:
-            try:
-                async with self._redis.pubsub() as pubsub:
-                    await pubsub.subscribe(CHANNEL)
-                    await self.load_all()  # catch up on anything missed before subscribing
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            await self._reload(message["data"].decode())
-            except (RedisError, OSError) as exc:
-                logger.warning("route listener lost redis (%s); retrying", exc)
-                await asyncio.sleep(1.0)
+        async def reload(data: bytes) -> None:
+            await self._reload(data.decode())
+
+        # After each subscription, catch up on anything changed while unsubscribed.
+        await listen_forever(self._redis, CHANNEL, reload, on_subscribed=self.load_all)
 
     async def _resync(self, interval: float) -> None:
         while True:

@@ -15,12 +15,13 @@ Clients are concurrent `httpx.AsyncClient` tasks; every wait polls a condition a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import http.server
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -597,39 +598,46 @@ async def test_mlflow_outage_cold_start_from_cache_and_recovery(
 # -- directory registry: the same alias move under load --------------------------------------------------------------
 
 
-async def test_directory_alias_move_under_load(tmp_path: Path) -> None:
-    registry = tmp_path / "models"
-    name = "dirhot"
-    om.write_version(registry, name, 1, om.tabular_classifier(seed=1))
-    om.write_version(registry, name, 2, om.tabular_classifier(seed=2))
-    om.write_aliases(registry, name, {"champion": 1, "challenger": 2})
+@contextlib.asynccontextmanager
+async def directory_gateway(tmp_path: Path, registry: Path) -> AsyncIterator[tuple[GatewayProcess, httpx.AsyncClient]]:
+    """A gateway polling a directory registry every POLL_SECONDS (logging off) and a client; it must exit cleanly."""
     config = write_config(
         tmp_path / "gatewatch.yaml", registry, registry_poll_seconds=POLL_SECONDS, log_enabled="false"
     )
     gateway = start_gateway(config, tmp_path)
     try:
         async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
-            assert await serving_version(http, name) == 1
-
-            async def add_version(client: httpx.AsyncClient) -> None:
-                om.write_version(registry, name, 3, om.tabular_classifier(seed=3))  # while the load runs
-                await eventually(lambda: version_ready(client, name, 3), 30, "v3 loaded")
-
-            async def move() -> None:
-                om.write_aliases(registry, name, {"champion": 3, "challenger": 2})
-
-            run = await alias_move_under_load(gateway.url, name, 3, move, prepare=add_version)
-            assert_clean_switch(run, 1)
-            print(f"\ndirectory: {len(run.answers)} requests, 0 failed, switch {run.switch_seconds * 1000:.0f} ms")
-
-            described = await metadata(http, name)
-            assert described["versions"] == ["1", "2", "3"]
-            assert described["aliases"] == {"champion": "3", "challenger": "2"}
-            for version in ("1", "2", "3"):
-                assert await metric(http, "gatewatch_model_loaded", model=name, version=version) == 1
-            assert f"{name}: champion: v1 -> v3" in gateway.log()
+            yield gateway, http
     finally:
         assert gateway.terminate() == 0
+
+
+async def test_directory_alias_move_under_load(tmp_path: Path) -> None:
+    registry = tmp_path / "models"
+    name = "dirhot"
+    om.write_version(registry, name, 1, om.tabular_classifier(seed=1))
+    om.write_version(registry, name, 2, om.tabular_classifier(seed=2))
+    om.write_aliases(registry, name, {"champion": 1, "challenger": 2})
+    async with directory_gateway(tmp_path, registry) as (gateway, http):
+        assert await serving_version(http, name) == 1
+
+        async def add_version(client: httpx.AsyncClient) -> None:
+            om.write_version(registry, name, 3, om.tabular_classifier(seed=3))  # while the load runs
+            await eventually(lambda: version_ready(client, name, 3), 30, "v3 loaded")
+
+        async def move() -> None:
+            om.write_aliases(registry, name, {"champion": 3, "challenger": 2})
+
+        run = await alias_move_under_load(gateway.url, name, 3, move, prepare=add_version)
+        assert_clean_switch(run, 1)
+        print(f"\ndirectory: {len(run.answers)} requests, 0 failed, switch {run.switch_seconds * 1000:.0f} ms")
+
+        described = await metadata(http, name)
+        assert described["versions"] == ["1", "2", "3"]
+        assert described["aliases"] == {"champion": "3", "challenger": "2"}
+        for version in ("1", "2", "3"):
+            assert await metric(http, "gatewatch_model_loaded", model=name, version=version) == 1
+        assert f"{name}: champion: v1 -> v3" in gateway.log()
 
 
 async def test_directory_version_caught_while_being_written_loads_once_the_write_finishes(tmp_path: Path) -> None:
@@ -638,30 +646,23 @@ async def test_directory_version_caught_while_being_written_loads_once_the_write
     registry = tmp_path / "models"
     name = "inplace"
     om.write_version(registry, name, 1, om.tabular_classifier(seed=1), with_sha256=False)
-    config = write_config(
-        tmp_path / "gatewatch.yaml", registry, registry_poll_seconds=POLL_SECONDS, log_enabled="false"
-    )
-    gateway = start_gateway(config, tmp_path)
-    try:
-        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
-            assert await serving_version(http, name) == 1
-            payload = om.tabular_classifier(seed=2).SerializeToString()
-            target = registry / name / "2" / "model.onnx"
-            target.parent.mkdir()
-            target.write_bytes(payload[: len(payload) // 3])  # the writer is a third of the way through
-            await wait_log(gateway, f"refused {name} v2")
-            failures = await metric(http, "gatewatch_model_load_failures_total", model=name, version="2",
-                                    reason="invalid_model")
-            assert failures >= 1
-            assert not await version_ready(http, name, 2)
-            assert await serving_version(http, name) == 1  # the old version keeps serving meanwhile
-            with target.open("ab") as rest:
-                rest.write(payload[len(payload) // 3 :])
-            await wait_serving(http, name, 2)
-            assert f"{name} v2 changed since it was refused" in gateway.log()
-            assert await version_ready(http, name, 2)
-    finally:
-        assert gateway.terminate() == 0
+    async with directory_gateway(tmp_path, registry) as (gateway, http):
+        assert await serving_version(http, name) == 1
+        payload = om.tabular_classifier(seed=2).SerializeToString()
+        target = registry / name / "2" / "model.onnx"
+        target.parent.mkdir()
+        target.write_bytes(payload[: len(payload) // 3])  # the writer is a third of the way through
+        await wait_log(gateway, f"refused {name} v2")
+        failures = await metric(http, "gatewatch_model_load_failures_total", model=name, version="2",
+                                reason="invalid_model")
+        assert failures >= 1
+        assert not await version_ready(http, name, 2)
+        assert await serving_version(http, name) == 1  # the old version keeps serving meanwhile
+        with target.open("ab") as rest:
+            rest.write(payload[len(payload) // 3 :])
+        await wait_serving(http, name, 2)
+        assert f"{name} v2 changed since it was refused" in gateway.log()
+        assert await version_ready(http, name, 2)
 
 
 async def test_directory_aliases_file_caught_half_written_moves_no_alias(tmp_path: Path) -> None:
@@ -672,18 +673,11 @@ async def test_directory_aliases_file_caught_half_written_moves_no_alias(tmp_pat
     for version in (1, 2):
         om.write_version(registry, name, version, om.tabular_classifier(seed=version))
     om.write_aliases(registry, name, {"champion": 1})
-    config = write_config(
-        tmp_path / "gatewatch.yaml", registry, registry_poll_seconds=POLL_SECONDS, log_enabled="false"
-    )
-    gateway = start_gateway(config, tmp_path)
-    try:
-        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
-            assert await serving_version(http, name) == 1
-            (registry / name / "aliases.json").write_text('{"champ')
-            await wait_log(gateway, f"{name}: cannot read its versions and aliases", count=2)  # two polls at least
-            assert await serving_version(http, name) == 1
-            assert (await metadata(http, name))["aliases"] == {"champion": "1"}
-            om.write_aliases(registry, name, {"champion": 2})
-            await wait_serving(http, name, 2)
-    finally:
-        assert gateway.terminate() == 0
+    async with directory_gateway(tmp_path, registry) as (gateway, http):
+        assert await serving_version(http, name) == 1
+        (registry / name / "aliases.json").write_text('{"champ')
+        await wait_log(gateway, f"{name}: cannot read its versions and aliases", count=2)  # two polls at least
+        assert await serving_version(http, name) == 1
+        assert (await metadata(http, name))["aliases"] == {"champion": "1"}
+        om.write_aliases(registry, name, {"champion": 2})
+        await wait_serving(http, name, 2)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -22,7 +21,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.cancellation import cancel_and_wait
-from tests.conftest import start_gateway, write_config
+from tests.conftest import redis_servers_running_in, start_gateway, write_config
 
 IN_FLIGHT = 50
 RUN_SLOTS = 2  # inference_threads: requests running at once; the rest wait in the queue
@@ -129,17 +128,7 @@ def test_serve_on_a_busy_port_exits_with_the_error_and_stops_its_redis(model_reg
         done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert done.returncode != 0
     assert "address already in use" in done.stderr + done.stdout
-    assert _redis_servers_under(tmp_path) == []
-
-
-def _redis_servers_under(directory: Path) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError):
-            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "redis-server":
-                if os.readlink(entry / "cwd").startswith(str(directory)):
-                    found.append(int(entry.name))
-    return found
+    assert redis_servers_running_in(str(tmp_path)) == []
 
 
 async def test_cancel_and_wait_cancels_again_a_task_that_swallowed_its_cancellation() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 from pathlib import Path
 
@@ -12,6 +10,7 @@ from rich.console import Console
 
 from loadtests.paired import PairedSample
 from loadtests.suite import SuiteOptions, plan, run_suite
+from tests.conftest import redis_servers_running_in
 
 
 def test_plan_interleaves_servers_and_limits_secondary_rows_to_key_concurrencies() -> None:
@@ -51,7 +50,7 @@ def test_suite_smoke_writes_report_and_plots(tmp_path: Path) -> None:
     assert re.search(r"\| tabular, c=1: gatewatch p50 − naive FastAPI p50 \| ≤ 0.3 ms \| [+-][\d.]+ ms", report)
     assert "| MLP, c=64: batching on / off throughput | ≥ 2× | not measured | — not measured |" in report
     _check_side_by_side(outcome.paired, report)
-    assert _orphaned_suite_redis() == []  # gatewatch's embedded Redis went down with it
+    assert redis_servers_running_in("gatewatch-suite-") == []  # gatewatch's embedded Redis went down with it
 
 
 def _check_side_by_side(paired: list[PairedSample], report: str) -> None:
@@ -68,13 +67,3 @@ def _check_side_by_side(paired: list[PairedSample], report: str) -> None:
     # The pair's target is judged at c=64 only: a c=4 smoke run shows the row but does not pass or fail it.
     assert ("| side by side, tabular, c=64: gatewatch (logging on) / naive FastAPI, per-core throughput | ≥ 2× "
             "| not measured | — not measured |") in report
-
-
-def _orphaned_suite_redis() -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError):
-            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "redis-server":
-                if "gatewatch-suite-" in os.readlink(entry / "cwd"):
-                    found.append(int(entry.name))
-    return found
