@@ -8,7 +8,7 @@ signature, batch and run, encode, then — after the answer is ready — log it 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, NamedTuple, Protocol
@@ -338,7 +338,7 @@ def _exchange(
 
 
 def _select(
-    requested: list[RequestedOutput], names: list[str], outputs: list[np.ndarray]
+    requested: Sequence[RequestedOutput], names: list[str], outputs: list[np.ndarray]
 ) -> list[tuple[RequestedOutput, np.ndarray]]:
     by_name = dict(zip(names, outputs, strict=True))
     return [(choice, by_name[choice.name]) for choice in requested]

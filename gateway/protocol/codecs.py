@@ -12,7 +12,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from math import prod
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -71,8 +71,7 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
 
-@dataclass(frozen=True)
-class RequestedOutput:
+class RequestedOutput(NamedTuple):
     name: str
     binary: bool
 
@@ -84,7 +83,7 @@ class DecodedRequest:
     id: str | None
     inputs: dict[str, np.ndarray]
     rows: int
-    outputs: list[RequestedOutput]
+    outputs: Sequence[RequestedOutput]
     timeout_ms: float | None
 
 
@@ -192,10 +191,17 @@ def _check_tensor_header(
     if datatype != spec.datatype:
         raise InvalidInput(f"input {name!r} has datatype {datatype!r}, expected {spec.datatype}")
     shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+    if not isinstance(shape, list):
         raise InvalidInput(f"input {name!r}: 'shape' must be a list of non-negative integers")
-    if len(shape) != len(spec.shape) or any(e not in (-1, d) for d, e in zip(shape, spec.shape, strict=True)):
-        raise InvalidInput(f"input {name!r} has shape {shape}, expected {list(spec.shape)} (-1 = any size)")
+    for dim in shape:  # plain loops: this runs per tensor per request, and generators cost more than the checks
+        if type(dim) is not int or dim < 0:
+            raise InvalidInput(f"input {name!r}: 'shape' must be a list of non-negative integers")
+    declared = spec.shape
+    if len(shape) != len(declared):
+        raise InvalidInput(f"input {name!r} has shape {shape}, expected {list(declared)} (-1 = any size)")
+    for dim, want in zip(shape, declared, strict=True):  # lengths checked just above
+        if want != dim and want != -1:
+            raise InvalidInput(f"input {name!r} has shape {shape}, expected {list(declared)} (-1 = any size)")
     return spec, tuple(shape)
 
 
@@ -225,7 +231,7 @@ def _from_json(data: object, spec: TensorSpec, shape: tuple[int, ...], has_bool_
             raise InvalidInput(f"input {spec.name!r}: values out of range for UINT64")
         array = np.array(data, dtype=np.uint64)
     _check_json_kinds(array, data, spec, has_bool_literal)
-    return _cast(array, spec).reshape(shape)
+    return _cast(array, data, spec).reshape(shape)
 
 
 def _check_json_kinds(array: np.ndarray, data: list[Any], spec: TensorSpec, has_bool_literal: bool) -> None:
@@ -245,18 +251,39 @@ def _check_json_kinds(array: np.ndarray, data: list[Any], spec: TensorSpec, has_
         raise InvalidInput(f"input {spec.name!r} is {spec.datatype}: booleans are not numbers")
 
 
-def _cast(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
+def _cast(array: np.ndarray, data: list[Any], spec: TensorSpec) -> np.ndarray:
+    """`array` (what numpy made of the JSON list `data`) as the input's dtype; values it cannot hold are refused
+    before casting, so a cast never overflows (JSON numbers are finite: only FP16/FP32 and integers can)."""
     target = DATATYPE_TO_NUMPY[spec.datatype]
-    if target.kind in _INTEGER_KINDS and array.size:
-        info = np.iinfo(target)
-        if array.min() < info.min or array.max() > info.max:
+    bounds = _RANGES.get(spec.datatype)
+    if bounds is not None and array.size:
+        low, high = _extremes(array, data)
+        if low < bounds[0] or high > bounds[1]:
             raise InvalidInput(f"input {spec.name!r}: values out of range for {spec.datatype}")
-    with np.errstate(over="ignore"):
-        cast = array.astype(target, copy=False)
-    # JSON numbers are finite, so anything infinite here overflowed FP16/FP32; reject it as integers are rejected.
-    if target.kind == "f" and cast.size and not np.isfinite(cast).all():
-        raise InvalidInput(f"input {spec.name!r}: values out of range for {spec.datatype}")
-    return cast
+    return array.astype(target, copy=False)
+
+
+def _float_range(smallest_overflow: float) -> tuple[float, float]:
+    """The closed range of finite values that round to a finite float (beyond it, the cast gives ±inf)."""
+    largest = float(np.nextafter(smallest_overflow, 0))
+    return -largest, largest
+
+
+# Values each datatype can hold. The float bounds are the largest doubles that do not round to infinity:
+# 2**128 - 2**103 is half an ulp above FP32's maximum (a tie rounds to even, which is infinity), 65520 FP16's.
+_RANGES: dict[str, tuple[float, float]] = {
+    **{name: (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
+       for name, dtype in DATATYPE_TO_NUMPY.items() if dtype.kind in _INTEGER_KINDS},
+    "FP16": _float_range(65520.0),
+    "FP32": _float_range(2.0**128 - 2.0**103),
+}
+_PYTHON_EXTREMES_UP_TO = 64  # elements: below this, min()/max() over the list beat numpy's reductions (~1 µs each)
+
+
+def _extremes(array: np.ndarray, data: list[Any]) -> tuple[Any, Any]:
+    if len(data) <= _PYTHON_EXTREMES_UP_TO:
+        return min(data), max(data)
+    return array.min(), array.max()
 
 
 def _take_binary(binary: memoryview, offset: int, size: object, name: str) -> tuple[memoryview, int]:
@@ -379,13 +406,20 @@ def encode_response(
 
 
 def numpy_datatype(array: np.ndarray) -> str:
-    kind = array.dtype.kind
-    if kind in "OUS":
-        return "BYTES"
-    for datatype, dtype in DATATYPE_TO_NUMPY.items():
-        if dtype == array.dtype:
-            return datatype
-    raise ValueError(f"no V2 datatype for numpy dtype {array.dtype}")
+    datatype = _NUMPY_TO_DATATYPE.get(array.dtype)
+    if datatype is None:
+        if array.dtype.kind not in "OUS":
+            raise ValueError(f"no V2 datatype for numpy dtype {array.dtype}")
+        datatype = "BYTES"
+    return datatype
+
+
+# numpy dtypes hash and compare by value, so outputs in either byte order find their datatype in one lookup.
+_NUMPY_TO_DATATYPE: dict[np.dtype[Any], str] = {
+    dtype.newbyteorder(order): name
+    for name, dtype in DATATYPE_TO_NUMPY.items() if name != "BYTES"
+    for order in ("<", ">")
+}
 
 
 def _json_data(array: np.ndarray) -> object:

@@ -75,6 +75,9 @@ class AdaptiveBatcher:
         self._runner = runner
         self._limits = limits
         self._max_rows = limits.max_batch_size if runner.batched else 1
+        # Requests are decoded against the signature, so their dtypes agree; with no dynamic dimension beyond the
+        # batch one their shapes do too, and the per-request compatibility key need not be built.
+        self._always_stackable = all(-1 not in spec.shape[1:] for spec in runner.inputs)
         self._observer = observer
         self._label = label
         self._queue: deque[_Pending] = deque()
@@ -184,7 +187,10 @@ class AdaptiveBatcher:
                 if not head.future.done():
                     head.future.set_exception(DeadlineExceeded(f"{self._label}: deadline passed while queued"))
                 continue
-            if batch and (rows + head.rows > self._max_rows or head.compat != batch[0].compat):
+            if batch and (
+                rows + head.rows > self._max_rows
+                or (not self._always_stackable and head.compat != batch[0].compat)
+            ):
                 break
             batch.append(self._queue.popleft())
             rows += head.rows

@@ -348,6 +348,29 @@ def test_floats_that_overflow_the_datatype_are_rejected(datatype: str, value: fl
         decode(json_body(datatype, [0.0, value, 1.0], 1), [spec(datatype)])
 
 
+# The largest doubles that still round to a finite float, and the smallest that round to infinity.
+FLOAT_EDGES = {"FP16": (float(np.nextafter(65520.0, 0)), 65520.0),
+               "FP32": (float(np.nextafter(2.0**128 - 2.0**103, 0)), 2.0**128 - 2.0**103)}
+
+
+@pytest.mark.parametrize("datatype", sorted(FLOAT_EDGES))
+@pytest.mark.parametrize("width", [3, 300])  # short lists and long ones are range-checked differently
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_float_range_edges_match_numpy_rounding(datatype: str, width: int, sign: float) -> None:
+    finite, overflowing = FLOAT_EDGES[datatype]
+    dtype = DATATYPE_TO_NUMPY[datatype]
+    with np.errstate(over="ignore"):  # the oracle: what numpy's own cast makes of each edge
+        assert np.isfinite(np.array([sign * finite]).astype(dtype)).all()
+        assert not np.isfinite(np.array([sign * overflowing]).astype(dtype)).any()
+    row = [0.5] * width
+    row[width // 2] = sign * finite
+    decoded = decode(json_body(datatype, row, 1), [spec(datatype, width=width)])
+    assert np.isfinite(decoded.inputs["x"]).all()
+    row[width // 2] = sign * overflowing
+    with pytest.raises(InvalidInput, match=f"out of range for {datatype}"):
+        decode(json_body(datatype, row, 1), [spec(datatype, width=width)])
+
+
 @pytest.mark.parametrize("datatype", NUMERIC_TYPES)
 @given(position=st.integers(0, WIDTH - 1), flag=st.booleans(), fill=st.integers(0, 100))
 @CODEC_SETTINGS
