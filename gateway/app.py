@@ -114,6 +114,7 @@ def create_app(settings: Settings, metrics_registry: CollectorRegistry | None = 
     install_error_handlers(app)
     # Inference requests skip FastAPI's middleware and routing (see fastpath.py); the rest is plain FastAPI.
     app.fast_path = InferenceFastPath(dataplane, settings.max_body_bytes)
+    app.body_timeout_seconds = settings.body_timeout_seconds
     app.include_router(build_v2_router(dataplane, settings.max_body_bytes))
     app.include_router(build_admin_router(admin))
 

@@ -8,14 +8,14 @@ signature, batch and run, encode, then — after the answer is ready — log it 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 
-from gateway.errors import GatewayError, InvalidInput, NotReady
+from gateway.errors import ClientClosedRequest, GatewayError, InvalidInput, NotReady
 from gateway.metrics import GatewayMetrics
 from gateway.protocol.codecs import (
     DecodedRequest,
@@ -38,6 +38,7 @@ EXTENSIONS = ("binary_tensor_data",)
 PLATFORM = "onnxruntime_onnx"
 DEFAULT_VARIANT = "default"
 _UNKNOWN = "_unknown"  # label for requests that named nothing we serve: keeps label cardinality bounded
+_GONE_WHILE_RUNNING = "the client closed the connection while its request ran; the answer went nowhere"
 
 
 # The per-request values below are NamedTuples: immutable like frozen dataclasses, but built in a fraction of the
@@ -53,6 +54,8 @@ class InferCall(NamedTuple):
     timeout_ms: float | None
     headers: Mapping[str, str] = MappingProxyType({})
     """Request headers (case-insensitive mapping), for sticky routing."""
+    connection_gone: Callable[[], bool] | None = None
+    """True once the client has gone (when the server can tell): its request is dropped if still queued."""
 
 
 class InferAnswer(NamedTuple):
@@ -175,6 +178,8 @@ class DataPlane:
         try:
             answer = await self._infer_on(call, attempt)
             status = 200
+            if call.connection_gone is not None and call.connection_gone():
+                status, error = ClientClosedRequest.status_code, _GONE_WHILE_RUNNING  # answered nobody
             return answer
         except GatewayError as exc:
             status, error = exc.status_code, exc.message
@@ -246,7 +251,9 @@ class DataPlane:
             raise
         timeout_ms = call.timeout_ms if call.timeout_ms is not None else decoded.timeout_ms
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
-        attempt.outputs = outputs = await loaded.batcher.infer(decoded.inputs, decoded.rows, deadline)
+        attempt.outputs = outputs = await loaded.batcher.infer(
+            decoded.inputs, decoded.rows, deadline, call.connection_gone
+        )
         body, header_length = encode_response(
             call.name, loaded.version, decoded.id, _select(decoded.outputs, runner.output_names, outputs)
         )

@@ -4,10 +4,13 @@
      ├── InvalidInput (400)        wrong tensor name, shape, datatype, data length or encoding
      ├── Unauthorized (401)        admin API call without the right bearer token
      ├── ModelNotFound (404)       unknown model, version or endpoint
+     ├── RequestTimeout (408)      the request body stopped arriving (body_timeout_seconds)
      ├── PayloadTooLarge (413)     body over max_body_bytes
      ├── InvalidRoute (422)        a route that cannot be applied (routing/table.py); the old one stays
      ├── Overloaded (429)          a model version's queue is full       -> Retry-After
      ├── NotReady (503)            nothing loaded to serve this yet        -> Retry-After
+     ├── ClientClosedRequest (499) the client closed the connection before its answer (nginx's code; only
+     │                             logged and counted: there is nobody left to answer)
      └── DeadlineExceeded (504)    the request's deadline passed while it waited
 
 `gateway/api/errors.py` turns every one of them into `{"error": message}`; nothing else maps errors to HTTP.
@@ -38,6 +41,10 @@ class ModelNotFound(GatewayError):
     status_code = 404
 
 
+class RequestTimeout(GatewayError):
+    status_code = 408
+
+
 class PayloadTooLarge(GatewayError):
     status_code = 413
 
@@ -54,6 +61,10 @@ class NotReady(GatewayError):
 
     def __init__(self, message: str, *, retry_after: float | None = 1.0) -> None:
         super().__init__(message, retry_after=retry_after)
+
+
+class ClientClosedRequest(GatewayError):
+    status_code = 499
 
 
 class DeadlineExceeded(GatewayError):

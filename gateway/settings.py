@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     """Requests waiting per model version before new ones get 429."""
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Larger request bodies get 413."""
+    body_timeout_seconds: float = Field(default=15.0, gt=0)
+    """A request body that stops arriving for this long gets 408 (and its connection is closed)."""
     models: dict[str, ModelOverrides] = Field(default_factory=dict)
     """Per-model overrides of the batching settings."""
 

@@ -19,6 +19,8 @@ def error_headers(exc: GatewayError, headers: dict[str, str] | None = None) -> d
         merged["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
     if exc.status_code == 401:
         merged["www-authenticate"] = "Bearer"
+    elif exc.status_code == 408:
+        merged["connection"] = "close"  # the rest of a stalled body may still come: do not read it as a request
     return merged
 
 

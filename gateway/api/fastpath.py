@@ -11,20 +11,16 @@ passes on). Both paths share `v2.exchange`, so behaviour cannot drift between th
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable
 
 from fastapi import FastAPI
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from gateway.api.v2 import HttpAnswer, exchange
+from gateway.api.http_protocol import CONNECTION_GONE, DEFAULT_BODY_TIMEOUT
+from gateway.api.v2 import HttpAnswer, exchange, receive_body
 from gateway.dataplane import DataPlane
-from gateway.errors import PayloadTooLarge
 
 _INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
-
-
-class ClientDisconnected(Exception):
-    pass
 
 
 class InferenceFastPath:
@@ -42,38 +38,20 @@ class InferenceFastPath:
                 return True
         return False
 
-
     async def _infer(self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None) -> None:
         headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
-        try:
-            answer = await exchange(self._dataplane, name, version, headers, lambda: self._body(headers, receive))
-        except ClientDisconnected:
-            return
-        await _send(send, answer)
-
-    async def _body(self, headers: Mapping[str, str], receive: Receive) -> bytes:
-        declared = headers.get("content-length")
-        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > self._limit:
-            raise PayloadTooLarge(f"request body of {declared} bytes exceeds max_body_bytes={self._limit}")
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message: Message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self._limit:
-                raise PayloadTooLarge(f"request body exceeds max_body_bytes={self._limit}")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        gone: Callable[[], bool] | None = scope.get(CONNECTION_GONE)
+        length = headers.get("content-length")
+        body = lambda: receive_body(scope, receive, length, self._limit)  # noqa: E731
+        answer = await exchange(self._dataplane, name, version, headers, body, gone)
+        await _send(send, answer)  # to a client that has gone, uvicorn drops it
 
 
 class GatewayApp(FastAPI):
     """FastAPI, with inference requests taken before any of its middleware (see the module docstring)."""
 
     fast_path: InferenceFastPath | None = None
+    body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT  # read by GatewayHttpProtocol
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.fast_path is not None and await self.fast_path.handle(scope, receive, send):

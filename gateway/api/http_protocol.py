@@ -1,9 +1,16 @@
-"""uvicorn's httptools protocol, with each response handed to the socket in one write.
+"""uvicorn's httptools protocol, with each response handed to the socket in one write, and two things uvicorn
+does not do for an application: tell it whether a request's client is still connected, and stop waiting for a
+request body that stopped arriving.
 
 uvicorn writes a response's status line and headers, then its body, as two `transport.write` calls; uvloop sends
 each at once, so every response cost two send syscalls and two TCP segments (py-spy put about 15 % of the
 gateway's samples at c=64 in those two writes). `CoalescingTransport` holds what is written during one turn of the
 loop and hands it to the socket in one write at the end of the turn, or at once when it holds `FLUSH_BYTES`.
+
+Each request's ASGI scope gets `CONNECTION_GONE`, a callable that says whether the client has gone (the
+batcher drops queued requests nobody waits for), and `BODY_STALLED`, set to the timeout when no body byte came
+for `body_timeout` seconds: the waiting `receive()` is woken, the inference fast path answers 408, and a
+request whose application ignores the mark has its connection closed after another `body_timeout`.
 Everything else about HTTP (parsing, keep-alive, flow control, 100-continue) stays uvicorn's.
 """
 
@@ -12,9 +19,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 FLUSH_BYTES = 256 * 1024  # beyond this, hand data over at once rather than hold it in memory until the turn ends
+CONNECTION_GONE = "gatewatch.connection_gone"  # scope key: () -> bool, True once the client's connection is lost
+BODY_STALLED = "gatewatch.body_stalled"  # scope key: the timeout (s), present once the request body stalled
+DEFAULT_BODY_TIMEOUT = 30.0
 
 
 class CoalescingTransport(asyncio.Transport):
@@ -111,10 +121,53 @@ class CoalescingTransport(asyncio.Transport):
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol over a `CoalescingTransport` (passed to uvicorn as `http=`)."""
+    """uvicorn's httptools protocol over a `CoalescingTransport` (passed to uvicorn as `http=`); see the module
+    docstring for the scope keys it adds. The body timeout is the application's `body_timeout_seconds` attribute
+    (the app is built in each worker process from the settings; a class passed to uvicorn must be importable)."""
+
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    _body_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.body_timeout = getattr(self.app, "body_timeout_seconds", DEFAULT_BODY_TIMEOUT)
         # Writes go out at the end of the loop turn, not as each response completes: measured side by side, flushing
         # at completion cost about 5 µs more system time per request (probably more cross-CPU wake-ups of the
         # client) to save a turn's worth of latency, a few microseconds.
         super().connection_made(CoalescingTransport(transport, self.loop))
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope[CONNECTION_GONE] = self.transport.is_closing  # type: ignore[literal-required]
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # Most requests arrive whole in one read: then no timer is ever armed. Otherwise each read re-arms it, so
+        # the limit is on silence, not on the length of an upload.
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        cycle = self.cycle
+        if cycle is not None and _awaits_body(cycle):
+            self._body_timer = self.loop.call_later(self.body_timeout, self._body_stalled, cycle)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        super().connection_lost(exc)
+
+    def _body_stalled(self, cycle: RequestResponseCycle) -> None:
+        self._body_timer = None
+        if cycle is not self.cycle or not _awaits_body(cycle):
+            return
+        cycle.scope[BODY_STALLED] = self.body_timeout  # type: ignore[literal-required]
+        cycle.message_event.set()  # a receive() waiting for the body returns what came so far, marked stalled
+        self.loop.call_later(self.body_timeout, self._close_if_unanswered, cycle)
+
+    def _close_if_unanswered(self, cycle: RequestResponseCycle) -> None:
+        if not cycle.response_complete and not self.transport.is_closing():
+            self.transport.close()
+
+
+def _awaits_body(cycle: RequestResponseCycle) -> bool:
+    return cycle.more_body and not cycle.response_complete and not cycle.disconnected

@@ -11,10 +11,12 @@ from typing import Any, NamedTuple
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
+from starlette.types import Message, Receive, Scope
 
 from gateway.api.errors import error_body, error_headers
+from gateway.api.http_protocol import BODY_STALLED
 from gateway.dataplane import DataPlane, InferCall
-from gateway.errors import GatewayError, InvalidInput, NotReady, PayloadTooLarge
+from gateway.errors import ClientClosedRequest, GatewayError, InvalidInput, NotReady, PayloadTooLarge, RequestTimeout
 from gateway.protocol import types
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -72,8 +74,10 @@ async def exchange(
     version: str | None,
     headers: Mapping[str, str],
     body: Callable[[], Awaitable[bytes]],
+    connection_gone: Callable[[], bool] | None = None,
 ) -> HttpAnswer:
-    """One inference over HTTP, whichever server layer carries it (FastAPI route or the ASGI fast path)."""
+    """One inference over HTTP, whichever server layer carries it (FastAPI route or the ASGI fast path);
+    `connection_gone` says whether the client has left, when the server can tell."""
     request_id = headers.get(REQUEST_ID) or new_request_id()
     reply = {REQUEST_ID: request_id}
     call: InferCall | None = None
@@ -86,6 +90,7 @@ async def exchange(
             request_id=request_id,
             timeout_ms=_positive_number(headers.get(TIMEOUT), TIMEOUT),
             headers=headers,
+            connection_gone=connection_gone,
         )
         answer = await dataplane.infer(call)
     except GatewayError as exc:
@@ -106,18 +111,30 @@ def _json(payload: dict[str, Any], status: int = 200) -> Response:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit` (never buffered whole)."""
-    declared = request.headers.get("content-length")
+    return await receive_body(request.scope, request.receive, request.headers.get("content-length"), limit)
+
+
+async def receive_body(scope: Scope, receive: Receive, declared: str | None, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` (never buffered whole), with
+    408 when it stopped arriving (`BODY_STALLED`) and 499 when the client left before sending it all."""
     if declared is not None and _is_ascii_integer(declared) and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds max_body_bytes={limit}")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientClosedRequest(f"the client closed the connection after {size} bytes of its request body")
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body exceeds max_body_bytes={limit}")
         chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        stalled = scope.get(BODY_STALLED)
+        if stalled is not None:
+            raise RequestTimeout(f"the request body stopped arriving: nothing for {stalled:g} s after {size} bytes")
 
 
 def _positive_number(raw: str | None, header: str) -> float | None:

@@ -8,7 +8,9 @@ while requests keep arriving: when none comes within a tenth of that delay, the 
 closed-loop clients can never fill 32 rows, and waiting the whole delay for them halved their throughput
 (2,271 req/s at c=8 with the server half idle, against 4,271 for a hand-written app: bench/REPORT.md at cc0c17c).
 
-The queue is bounded: a full queue answers `Overloaded` (429 + Retry-After) immediately.
+The queue is bounded: a full queue answers `Overloaded` (429 + Retry-After) immediately. A request whose client
+has gone (the server says so through `connection_gone`) is dropped from the queue when the dispatcher reaches it,
+or at once when it stands between a new request and a full queue: it neither runs nor holds a place.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from gateway.errors import DeadlineExceeded, GatewayError, NotReady, Overloaded
+from gateway.errors import ClientClosedRequest, DeadlineExceeded, GatewayError, NotReady, Overloaded
 from gateway.runtime.runner import OnnxRunner
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class _Pending:
     future: asyncio.Future[list[np.ndarray]]
     arrived: float
     deadline: float | None
+    connection_gone: Callable[[], bool] | None = None
 
     @functools.cached_property
     def compat(self) -> tuple[object, ...]:
@@ -68,6 +71,9 @@ class _Pending:
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
+
+    def abandoned(self) -> bool:
+        return self.connection_gone is not None and self.connection_gone()
 
 
 class AdaptiveBatcher:
@@ -94,14 +100,20 @@ class AdaptiveBatcher:
     def depth(self) -> int:
         return len(self._queue)
 
-    async def infer(self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None) -> list[np.ndarray]:
+    async def infer(
+        self,
+        inputs: dict[str, np.ndarray],
+        rows: int,
+        deadline: float | None,
+        connection_gone: Callable[[], bool] | None = None,
+    ) -> list[np.ndarray]:
         """Run one request's rows, batched with others; `deadline` is in `time.monotonic()` seconds."""
         if self._closed:
             raise NotReady(f"{self._label} is being unloaded; retry")
-        if len(self._queue) >= self._limits.max_queue_size:
+        if len(self._queue) >= self._limits.max_queue_size and not self._drop_abandoned():
             raise Overloaded(f"{self._label}: queue full ({len(self._queue)} requests waiting); retry later")
         future: asyncio.Future[list[np.ndarray]] = self._loop.create_future()
-        pending = _Pending(inputs, rows, future, time.monotonic(), deadline)
+        pending = _Pending(inputs, rows, future, time.monotonic(), deadline, connection_gone)
         self._queue.append(pending)
         self._observer.queue_depth(len(self._queue))
         self._wakeup.set()
@@ -115,6 +127,20 @@ class AdaptiveBatcher:
         finally:
             if future.cancelled():  # deadline passed or caller gone: leave the queue now, not when a slot frees
                 self._discard(pending)
+
+    def _drop_abandoned(self) -> bool:
+        """Fail the queued requests whose clients have gone (only when the queue is full: it scans); True if any."""
+        kept: deque[_Pending] = deque()
+        dropped: list[_Pending] = []
+        for item in self._queue:
+            (dropped if item.abandoned() else kept).append(item)
+        if not dropped:
+            return False
+        for item in dropped:
+            _fail_abandoned(item)
+        self._queue = kept
+        self._observer.queue_depth(len(kept))
+        return True
 
     def _discard(self, pending: _Pending) -> None:
         with contextlib.suppress(ValueError):  # already taken into a batch
@@ -182,6 +208,9 @@ class AdaptiveBatcher:
         rows = self._rows(batch)
         while self._queue:
             head = self._queue[0]
+            if head.abandoned():
+                _fail_abandoned(self._queue.popleft())
+                continue
             if head.future.done() or head.expired(now):
                 self._queue.popleft()
                 if not head.future.done():
@@ -203,7 +232,12 @@ class AdaptiveBatcher:
 
     async def _run(self, batch: list[_Pending]) -> None:
         try:
-            live = [item for item in batch if not item.future.done()]
+            live = []
+            for item in batch:  # a client may have left while the batch waited for company
+                if item.abandoned():
+                    _fail_abandoned(item)
+                elif not item.future.done():
+                    live.append(item)
             if not live:
                 return
             try:
@@ -260,3 +294,8 @@ class AdaptiveBatcher:
             [output[start:end] for output in outputs]
             for start, end in zip(bounds[:-1], bounds[1:], strict=True)
         ]
+
+
+def _fail_abandoned(item: _Pending) -> None:
+    if not item.future.done():
+        item.future.set_exception(ClientClosedRequest("the client closed the connection while its request was queued"))

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.errors import DeadlineExceeded, NotReady, Overloaded
+from gateway.errors import ClientClosedRequest, DeadlineExceeded, NotReady, Overloaded
 from gateway.runtime.batcher import AdaptiveBatcher, BatchLimits, BatchObserver
 from gateway.runtime.runner import OnnxRunner, SessionOptions
 from loadtests import onnx_models as om
@@ -580,3 +580,63 @@ async def test_stacked_results_are_split_back_row_exactly(
         expected = reference.per_row(x)
         assert probabilities.shape == (len(x), 2) and labels.shape == (len(x),)
         np.testing.assert_allclose(probabilities, expected["probabilities"], rtol=1e-5, atol=1e-6)
+
+
+class Connection:
+    """What the server says of one client's connection: `gone()` until `close()`."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def gone(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_requests_whose_clients_left_are_dropped_unrun_when_reached(lab: Lab) -> None:
+    batcher, observer = lab.batcher("identity", max_batch_size=1)
+    lab.hold()
+    first = asyncio.create_task(batcher.infer({"x": ones(1)}, 1, None))
+    await dispatched(batcher, observer)
+    connections = [Connection() for _ in range(4)]
+    tasks = [
+        asyncio.create_task(batcher.infer({"x": ones(1, start=10 * i)}, 1, None, c.gone))
+        for i, c in enumerate(connections)
+    ]
+    await poll(lambda: batcher.depth == 4, what="queued requests")
+    connections[1].close()
+    connections[2].close()
+    lab.release()
+
+    await first
+    for i in (0, 3):
+        np.testing.assert_array_equal((await tasks[i])[0], ones(1, start=10 * i))
+    for i in (1, 2):
+        with pytest.raises(ClientClosedRequest, match="closed the connection while its request was queued"):
+            await tasks[i]
+    assert observer.runs == [1, 1, 1]  # the first, then the two whose clients stayed
+
+
+async def test_a_full_queue_makes_room_by_dropping_requests_whose_clients_left(lab: Lab) -> None:
+    batcher, observer = lab.batcher("identity", max_queue_size=3)
+    lab.hold()
+    first = asyncio.create_task(batcher.infer({"x": ones(1)}, 1, None))
+    await dispatched(batcher, observer)
+    connections = [Connection() for _ in range(3)]
+    queued = [asyncio.create_task(batcher.infer({"x": ones(1)}, 1, None, c.gone)) for c in connections]
+    await poll(lambda: batcher.depth == 3, what="a full queue")
+    with pytest.raises(Overloaded):  # every client still waits: the queue is really full
+        await batcher.infer({"x": ones(1)}, 1, None)
+
+    connections[0].close()
+    fresh = asyncio.create_task(batcher.infer({"x": ones(1, start=7)}, 1, None))
+    await poll(lambda: queued[0].done() and batcher.depth == 3, what="the abandoned request to leave the queue")
+    with pytest.raises(ClientClosedRequest):
+        await queued[0]
+    lab.release()
+    await first
+    np.testing.assert_array_equal((await fresh)[0], ones(1, start=7))
+    await asyncio.gather(*queued[1:])
+    assert sum(observer.runs) == 4  # the first, the two kept, the fresh one: never the abandoned one
