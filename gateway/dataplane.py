@@ -106,6 +106,12 @@ class DataPlane:
         self._relay: FeedbackRelaySink | None = None
         self._request_counters: dict[tuple[str, ...], Any] = {}
         self._duration_histograms: dict[tuple[str, ...], Any] = {}
+        self._in_flight = 0
+        self._in_flight_gauge: Any = None  # set on every change only when it cannot be read at scrape time
+        if metrics.gauges_read_at_scrape:
+            metrics.in_flight.set_function(lambda: self._in_flight)
+        else:
+            self._in_flight_gauge = metrics.in_flight
 
     def attach_relay(self, relay: FeedbackRelaySink | None) -> None:
         self._relay = relay
@@ -172,7 +178,9 @@ class DataPlane:
     async def infer(self, call: InferCall) -> InferAnswer:
         started = time.perf_counter()
         arrived_ms = int(time.time() * 1000)
-        self._metrics.in_flight.inc()
+        self._in_flight += 1
+        if self._in_flight_gauge is not None:
+            self._in_flight_gauge.inc()
         attempt = _Attempt()
         status, error = 500, ""
         try:
@@ -187,7 +195,9 @@ class DataPlane:
                 exc.variant = attempt.target.variant  # so the error response names the variant too
             raise
         finally:
-            self._metrics.in_flight.dec()
+            self._in_flight -= 1
+            if self._in_flight_gauge is not None:
+                self._in_flight_gauge.dec()
             elapsed = time.perf_counter() - started
             self._record(call.name, attempt.target, str(status), elapsed)
             if attempt.target is not None:

@@ -42,6 +42,10 @@ class BatchObserver(Protocol):
 
     def queue_depth(self, depth: int) -> None: ...
 
+    def follow_queue(self, depth: Callable[[], int]) -> bool:
+        """True when the observer reads `depth()` itself whenever it needs it: then `queue_depth` is not called."""
+        return False
+
 
 @dataclass(frozen=True)
 class BatchLimits:
@@ -95,6 +99,7 @@ class AdaptiveBatcher:
         # Kept: on Python 3.11, asyncio.get_running_loop() makes a getpid() syscall on every call.
         self._loop = asyncio.get_running_loop()
         self._loop_task = self._loop.create_task(self._dispatch_forever(), name=f"batcher {label}")
+        self._push_depth = not observer.follow_queue(lambda: len(self._queue))
 
     @property
     def depth(self) -> int:
@@ -115,7 +120,8 @@ class AdaptiveBatcher:
         future: asyncio.Future[list[np.ndarray]] = self._loop.create_future()
         pending = _Pending(inputs, rows, future, time.monotonic(), deadline, connection_gone)
         self._queue.append(pending)
-        self._observer.queue_depth(len(self._queue))
+        if self._push_depth:
+            self._observer.queue_depth(len(self._queue))
         self._wakeup.set()
         try:
             if deadline is None:
@@ -139,13 +145,15 @@ class AdaptiveBatcher:
         for item in dropped:
             _fail_abandoned(item)
         self._queue = kept
-        self._observer.queue_depth(len(kept))
+        if self._push_depth:
+            self._observer.queue_depth(len(kept))
         return True
 
     def _discard(self, pending: _Pending) -> None:
         with contextlib.suppress(ValueError):  # already taken into a batch
             self._queue.remove(pending)
-            self._observer.queue_depth(len(self._queue))
+            if self._push_depth:
+                self._observer.queue_depth(len(self._queue))
 
     async def aclose(self) -> None:
         """Stop taking requests, answer the ones already queued, then stop."""
@@ -223,7 +231,8 @@ class AdaptiveBatcher:
                 break
             batch.append(self._queue.popleft())
             rows += head.rows
-        self._observer.queue_depth(len(self._queue))
+        if self._push_depth:
+            self._observer.queue_depth(len(self._queue))
         return batch
 
     @staticmethod
