@@ -44,7 +44,12 @@ def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def _configure_logging(level: str) -> None:
+    if level.lower() not in _LOG_LEVELS:
+        raise typer.BadParameter(f"{level!r} is not one of {' | '.join(_LOG_LEVELS)}", param_hint="--log-level")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per registry poll request is noise; failures surface through our own log lines.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
@@ -115,7 +120,7 @@ def monitor(
 ) -> None:
     """Watch the prediction logs: windows, drift, latency, alerts. Run several to share the streams."""
     settings = _settings_or_exit(config)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(log_level)
     from monitors.service import run_monitor  # lazily: `serve` never pays for scipy
 
     run_monitor(settings, metrics_host=metrics_host, metrics_port=metrics_port)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Larger request bodies get 413."""
     body_timeout_seconds: float = Field(default=15.0, gt=0)
-    """A request body that stops arriving for this long gets 408 (and its connection is closed)."""
+    """A request body that stops arriving for this long gets 408 and its connection is closed (< shutdown timeout)."""
     models: dict[str, ModelOverrides] = Field(default_factory=dict)
     """Per-model overrides of the batching settings."""
 
@@ -152,6 +152,17 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _stalled_bodies_end_before_shutdown_does(self) -> Settings:
+        # At SIGTERM a stalled upload is answered 408 (and logged) only if its timeout comes before the shutdown's;
+        # otherwise uvicorn cancels it at the shutdown timeout and it leaves no record.
+        if self.body_timeout_seconds >= self.shutdown_timeout_seconds:
+            raise ValueError(
+                f"body_timeout_seconds ({self.body_timeout_seconds:g}) must be shorter than "
+                f"shutdown_timeout_seconds ({self.shutdown_timeout_seconds:g})"
+            )
+        return self
 
     def batch_limits(self, model: str) -> tuple[int, float]:
         """Max batch rows and queue delay (ms) for `model`, overrides applied."""

@@ -9,8 +9,9 @@ loop and hands it to the socket in one write at the end of the turn, or at once 
 
 Each request's ASGI scope gets `CONNECTION_GONE`, a callable that says whether the client has gone (the
 batcher drops queued requests nobody waits for), and `BODY_STALLED`, set to the timeout when no body byte came
-for `body_timeout` seconds: the waiting `receive()` is woken, the inference fast path answers 408, and a
-request whose application ignores the mark has its connection closed after another `body_timeout`.
+for `body_timeout` seconds while the server was reading: the waiting `receive()` is woken and
+`api.v2.receive_body`, which every route with a body reads it through, answers 408. Only the running request is
+watched; one waiting behind it on the connection (HTTP pipelining) is not read yet, so its silence is the server's.
 Everything else about HTTP (parsing, keep-alive, flow control, 100-continue) stays uvicorn's.
 """
 
@@ -24,7 +25,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 FLUSH_BYTES = 256 * 1024  # beyond this, hand data over at once rather than hold it in memory until the turn ends
 CONNECTION_GONE = "gatewatch.connection_gone"  # scope key: () -> bool, True once the client's connection is lost
 BODY_STALLED = "gatewatch.body_stalled"  # scope key: the timeout (s), present once the request body stalled
-DEFAULT_BODY_TIMEOUT = 30.0
+DEFAULT_BODY_TIMEOUT = 15.0  # the `body_timeout_seconds` setting's default
 
 
 class CoalescingTransport(asyncio.Transport):
@@ -141,32 +142,54 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        # Most requests arrive whole in one read: then no timer is ever armed. Otherwise each read re-arms it, so
-        # the limit is on silence, not on the length of an upload.
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
-        cycle = self.cycle
-        if cycle is not None and _awaits_body(cycle):
-            self._body_timer = self.loop.call_later(self.body_timeout, self._body_stalled, cycle)
+        self._watch_body()
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        if self.cycle is not None:
+            self.cycle.scope.pop(BODY_STALLED, None)  # type: ignore[misc]  # bytes came after all: not stalled
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # uvicorn stops reading while over 64 KiB of body waits for the application, and starts again only in
+        # receive(). After a large final read the application never calls receive() again, so a client that
+        # leaves would go unseen: read on (a request waiting behind this one pauses reading again, as uvicorn does).
+        if not self.pipeline and self.flow is not None:
+            self.flow.resume_reading()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may start the next pipelined request: its body is watched from now on
+        if not self.transport.is_closing():
+            self._watch_body()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_watching()
+        super().connection_lost(exc)
+
+    def _watch_body(self) -> None:
+        # Most requests arrive whole in one read: then no timer is ever armed. Otherwise each read re-arms it, so
+        # the limit is on silence, not on the length of an upload.
+        self._stop_watching()
+        cycle = self.cycle
+        if cycle is not None and not self.pipeline and _awaits_body(cycle):
+            self._body_timer = self.loop.call_later(self.body_timeout, self._body_stalled, cycle)
+
+    def _stop_watching(self) -> None:
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
-        super().connection_lost(exc)
 
     def _body_stalled(self, cycle: RequestResponseCycle) -> None:
         self._body_timer = None
         if cycle is not self.cycle or not _awaits_body(cycle):
             return
+        if self.flow is not None and self.flow.read_paused:
+            # The server stopped reading (the application has not asked for more yet): that silence is not the
+            # client's. Look again later.
+            self._body_timer = self.loop.call_later(self.body_timeout, self._body_stalled, cycle)
+            return
         cycle.scope[BODY_STALLED] = self.body_timeout  # type: ignore[literal-required]
         cycle.message_event.set()  # a receive() waiting for the body returns what came so far, marked stalled
-        self.loop.call_later(self.body_timeout, self._close_if_unanswered, cycle)
-
-    def _close_if_unanswered(self, cycle: RequestResponseCycle) -> None:
-        if not cycle.response_complete and not self.transport.is_closing():
-            self.transport.close()
 
 
 def _awaits_body(cycle: RequestResponseCycle) -> bool:

@@ -29,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.errors import ClientClosedRequest, DeadlineExceeded, NotReady, Overloaded
+from gateway.runtime import batcher as batcher_module
 from gateway.runtime.batcher import AdaptiveBatcher, BatchLimits, BatchObserver
 from gateway.runtime.runner import OnnxRunner, SessionOptions
 from loadtests import onnx_models as om
@@ -587,8 +588,10 @@ class Connection:
 
     def __init__(self) -> None:
         self.closed = False
+        self.asked = 0
 
     def gone(self) -> bool:
+        self.asked += 1
         return self.closed
 
     def close(self) -> None:
@@ -619,7 +622,10 @@ async def test_requests_whose_clients_left_are_dropped_unrun_when_reached(lab: L
     assert observer.runs == [1, 1, 1]  # the first, then the two whose clients stayed
 
 
-async def test_a_full_queue_makes_room_by_dropping_requests_whose_clients_left(lab: Lab) -> None:
+async def test_a_full_queue_makes_room_by_dropping_requests_whose_clients_left(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batcher_module, "_ROOM_SCAN_INTERVAL", 0.0)  # every refusal may scan
     batcher, observer = lab.batcher("identity", max_queue_size=3)
     lab.hold()
     first = asyncio.create_task(batcher.infer({"x": ones(1)}, 1, None))
@@ -640,3 +646,23 @@ async def test_a_full_queue_makes_room_by_dropping_requests_whose_clients_left(l
     np.testing.assert_array_equal((await fresh)[0], ones(1, start=7))
     await asyncio.gather(*queued[1:])
     assert sum(observer.runs) == 4  # the first, the two kept, the fresh one: never the abandoned one
+
+
+async def test_sustained_overload_scans_the_full_queue_at_most_once_per_interval(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batcher_module, "_ROOM_SCAN_INTERVAL", 3600.0)
+    batcher, observer = lab.batcher("identity", max_queue_size=3)
+    lab.hold()
+    first = asyncio.create_task(batcher.infer({"x": ones(1)}, 1, None))
+    await dispatched(batcher, observer)
+    connections = [Connection() for _ in range(3)]
+    queued = [asyncio.create_task(batcher.infer({"x": ones(1)}, 1, None, c.gone)) for c in connections]
+    await poll(lambda: batcher.depth == 3, what="a full queue")
+    for _ in range(100):
+        with pytest.raises(Overloaded):
+            await batcher.infer({"x": ones(1)}, 1, None)
+    assert [c.asked for c in connections] == [1, 1, 1]  # one scan, not a hundred
+    lab.release()
+    await first
+    await asyncio.gather(*queued)

@@ -105,12 +105,15 @@ async def runs(http: httpx.AsyncClient) -> float:
     return await metric(http, "gatewatch_batch_size_count", model=MODEL, version="1")
 
 
+# Rows of a queued request whose JSON body (~400 KB) is over uvicorn's 64 KiB read-pause mark when written at once.
+LARGE_ROWS = 2400
+
+
 async def test_requests_whose_clients_left_never_run_and_are_logged_499(served: Served, http: httpx.AsyncClient
                                                                         ) -> None:
     runs_before, gone_before = await runs(http), await counted(http, "499")
     in_flight_before = await metric(http, "gatewatch_requests_in_flight")
     # The blocker, on a socket of its own: it starts running, and its client leaves while it runs.
-    request_ids = {"blocker", "queued-0", "queued-1", "queued-2"}
     _, blocker = await send(served, infer_request(served, rows=600, seed=1, request_id="blocker"))
 
     async def blocker_running() -> bool:
@@ -120,33 +123,37 @@ async def test_requests_whose_clients_left_never_run_and_are_logged_499(served: 
     queued = [
         await send(served, infer_request(served, rows=1, seed=10 + i, request_id=f"queued-{i}")) for i in range(3)
     ]
+    # One large body, written at once: the server has stopped reading its socket by the time the body is in.
+    queued.append(await send(served, infer_request(served, rows=LARGE_ROWS, seed=13, request_id="queued-large")))
+    request_ids = {"blocker", "queued-0", "queued-1", "queued-2", "queued-large"}
 
-    async def three_queued() -> bool:
-        return await metric(http, "gatewatch_queue_depth", model=MODEL, version="1") == 3
+    async def four_queued() -> bool:
+        return await metric(http, "gatewatch_queue_depth", model=MODEL, version="1") == 4
 
-    await wait_for(three_queued, 30, "three queued requests")
+    await wait_for(four_queued, 30, "four queued requests")
     for _, writer in queued:
         await hang_up(writer)
     await hang_up(blocker)
 
-    async def all_four_counted() -> bool:
-        return await counted(http, "499") - gone_before == 4
+    async def all_five_counted() -> bool:
+        return await counted(http, "499") - gone_before == 5
 
-    await wait_for(all_four_counted, 30, "four requests counted as 499")
-    assert await runs(http) - runs_before == 1  # the blocker ran; nobody ran the three whose clients had left
+    await wait_for(all_five_counted, 30, "five requests counted as 499")
+    assert await runs(http) - runs_before == 1  # the blocker ran; nobody ran the four whose clients had left
     assert await metric(http, "gatewatch_queue_depth", model=MODEL, version="1") == 0
 
     def logged_499() -> list[dict[str, str]]:
         return [r for r in served.records() if r["status"] == "499" and r["id"] in request_ids]
 
-    async def four_logged() -> bool:
-        return len(logged_499()) == 4
+    async def five_logged() -> bool:
+        return len(logged_499()) == 5
 
-    await wait_for(four_logged, 30, "four 499 records in the log stream")
+    await wait_for(five_logged, 30, "five 499 records in the log stream")
     by_id = {record["id"]: record for record in logged_499()}
     assert "while its request ran" in by_id["blocker"]["error"] and by_id["blocker"]["rows"] == "600"
     for i in range(3):
         assert "while its request was queued" in by_id[f"queued-{i}"]["error"] and by_id[f"queued-{i}"]["rows"] == "1"
+    assert by_id["queued-large"]["rows"] == str(LARGE_ROWS)
 
     # The gateway still answers whoever stays.
     response = await http.post(f"/v2/models/{MODEL}/infer", json=v2_request("x", np.ones((1, SLOW_FEATURES))))
@@ -226,3 +233,36 @@ async def test_feedback_body_that_stops_arriving_gets_408(served: Served, http: 
         answer = await reader.read()
     await hang_up(writer)
     assert answer.startswith(b"HTTP/1.1 408 "), answer
+
+
+async def test_a_request_waiting_behind_another_on_its_connection_is_not_timed_out(
+    served: Served, http: httpx.AsyncClient
+) -> None:
+    """HTTP pipelining: the server does not read a second request while the first runs, so the second's silence
+    is the server's, not its client's; its upload goes on once the first is answered."""
+    first = infer_request(served, rows=1500, seed=50, request_id="ahead")  # runs for longer than two timeouts
+    second = infer_request(served, rows=1, seed=51, request_id="behind")
+    head_end = second.index(b"\r\n\r\n") + 4
+    reader, writer = await send(served, first + second[: head_end + 10])
+    rest = second[head_end + 10 :]
+    async with asyncio.timeout(60):
+        answers = [await read_response(reader)]  # the first answer: the second request starts now
+        for piece in (rest[: len(rest) // 2], rest[len(rest) // 2 :]):
+            await asyncio.sleep(BODY_TIMEOUT / 3)  # pacing the client, not waiting for the server
+            writer.write(piece)
+            await writer.drain()
+        answers.append(await read_response(reader))
+    await hang_up(writer)
+    assert [status for status, _ in answers] == [200, 200], answers
+    assert [orjson.loads(body)["id"] for _, body in answers] == ["50", "51"]
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with a content-length: its status and body."""
+    status = int((await reader.readline()).split(b" ")[1])
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return status, await reader.readexactly(length)
