@@ -33,6 +33,7 @@ from gateway.routing.admin import RouteAdmin
 from gateway.routing.feedback_relay import FeedbackRelay
 from gateway.routing.router import Router
 from gateway.routing.shadow import ShadowMetrics, ShadowMirror
+from gateway.routing.shared_stats import SharedVariantStats
 from gateway.routing.store import RouteStore
 from gateway.routing.table import InvalidRoute, Route, Signature, check_route, parse_route
 from gateway.runtime.batcher import BatchLimits
@@ -88,6 +89,9 @@ def create_app(settings: Settings, metrics_registry: CollectorRegistry | None = 
         await _load_routes(store, router, settings, signature)
         admin.attach_store(store)
         store.start(settings.route_resync_seconds)
+        shared_stats = SharedVariantStats(redis.client, router, settings.redis_timeout_seconds)
+        shared_stats.start()
+        admin.attach_shared_stats(shared_stats)
         poller = asyncio.create_task(manager.poll_forever(settings.registry_poll_seconds), name="registry poller")
         _tune_garbage_collector()
         try:
@@ -95,6 +99,7 @@ def create_app(settings: Settings, metrics_registry: CollectorRegistry | None = 
         finally:
             # uvicorn has stopped accepting and answered in-flight requests by now.
             await cancel_and_wait([poller])
+            await shared_stats.aclose()
             await store.aclose()
             await relay.aclose()
             await shadows.aclose()  # shadows of the last requests still use the batchers

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from fastapi import APIRouter, Request
@@ -59,8 +59,11 @@ def build_admin_router(admin: RouteAdmin) -> APIRouter:
         return _json(await admin.delete(endpoint))
 
     @router.get("/endpoints/{endpoint}/stats")
-    async def endpoint_stats(endpoint: str, request: Request) -> Response:
+    async def endpoint_stats(
+        endpoint: str, request: Request, scope: Literal["all", "process"] = "all"
+    ) -> Response:
+        """Per-variant statistics over every gateway process (`scope=process`: the answering process only)."""
         admin.authorize(request.headers.get("authorization"))
-        return _json(admin.stats(endpoint))
+        return _json(await admin.stats(endpoint, this_process_only=scope == "process"))
 
     return router

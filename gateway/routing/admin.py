@@ -10,6 +10,7 @@ import yaml
 
 from gateway.errors import ModelNotFound, NotReady, Unauthorized
 from gateway.routing.router import Router
+from gateway.routing.shared_stats import SharedVariantStats
 from gateway.routing.store import RouteStore
 from gateway.routing.table import InvalidRoute, Route, Signature, check_route, parse_route
 
@@ -20,6 +21,7 @@ class RouteAdmin:
     def __init__(self, router: Router, signature: Signature, token: str | None) -> None:
         self._router = router
         self._store: RouteStore | None = None
+        self._shared: SharedVariantStats | None = None
         self._signature = signature
         self._token = token.encode() if token else None
 
@@ -61,8 +63,17 @@ class RouteAdmin:
         await self._require_store().delete(endpoint)
         return {"deleted": endpoint}
 
-    def stats(self, endpoint: str) -> dict[str, Any]:
-        stats = self._router.stats(endpoint)
+    def attach_shared_stats(self, shared: SharedVariantStats) -> None:
+        """Set once Redis is open: statistics then cover every process, not only this one."""
+        self._shared = shared
+
+    async def stats(self, endpoint: str, this_process_only: bool = False) -> dict[str, Any]:
+        """Per-variant statistics of every gateway process sharing this Redis, or of the answering one only."""
+        if self._shared is not None and not this_process_only:
+            stats = await self._shared.stats(endpoint)
+        else:
+            local = self._router.stats(endpoint)
+            stats = None if local is None else {**local, "processes": 1}
         if stats is None:
             raise ModelNotFound(f"no endpoint {endpoint!r}")
         return stats

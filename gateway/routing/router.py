@@ -6,6 +6,7 @@ dictionary entry in one assignment, so a request sees the old route or the new o
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ class CompiledRoute:
     chooser: Chooser
     stats: dict[str, VariantStats]
     policy: PayloadPolicy | None
+    fingerprint: str = ""
+    """Identifies the route's content, the same in every process: statistics merge only within one route."""
 
     def pick(self, request_id: str, headers: Mapping[str, str]) -> tuple[int, Variant]:
         key: str | None = None
@@ -76,7 +79,8 @@ def compile_route(endpoint: str, route: Route, default_policy: PayloadPolicy) ->
         redact = default_policy.redact | frozenset(route.log.redact)
         policy = PayloadPolicy(sample, redact, default_policy.max_tensor_bytes)
     stats = {name: VariantStats() for name in names}
-    return CompiledRoute(endpoint, route, chooser, stats, policy)
+    fingerprint = hashlib.sha256(route.model_dump_json().encode()).hexdigest()[:16]
+    return CompiledRoute(endpoint, route, chooser, stats, policy, fingerprint)
 
 
 class Router:

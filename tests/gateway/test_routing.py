@@ -593,9 +593,9 @@ async def test_feedback_sent_to_another_gateway_reaches_the_bandit_that_answered
     for name in served:
         assert stats[name]["pulls"] == served[name]
         assert stats[name]["reward_mean"] == pytest.approx(rewards[name])
-    async with admin_client(two) as client:  # the other gateway answered nothing and learned nothing
-        idle = (await client.get("/admin/endpoints/relayed/stats")).json()["variants"]
-    assert all(values["pulls"] == 0 for values in idle.values())
+    async with admin_client(two) as client:  # the other gateway's own bandit answered nothing and learned nothing
+        idle = (await client.get("/admin/endpoints/relayed/stats", params={"scope": "process"})).json()["variants"]
+    assert all(values["pulls"] == 0 and values["reward_mean"] is None for values in idle.values())
 
 
 # -- admin API: 401 and 422 ---------------------------------------------------------------------------------
