@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gateway.api.v2 import read_body
+from gateway.errors import InvalidInput
 from gateway.protocol import types
 from gateway.routing.admin import RouteAdmin
 
@@ -28,6 +29,7 @@ _ROUTE_BODY: dict[str, Any] = {
     }
 }
 _MAX_ROUTE_BYTES = 1 << 20
+_BAD_SCOPE = {"model": types.ErrorResponse, "description": "scope is neither 'all' nor 'process'"}
 
 
 def _json(payload: dict[str, Any]) -> Response:
@@ -58,12 +60,12 @@ def build_admin_router(admin: RouteAdmin) -> APIRouter:
         admin.authorize(request.headers.get("authorization"))
         return _json(await admin.delete(endpoint))
 
-    @router.get("/endpoints/{endpoint}/stats")
-    async def endpoint_stats(
-        endpoint: str, request: Request, scope: Literal["all", "process"] = "all"
-    ) -> Response:
+    @router.get("/endpoints/{endpoint}/stats", responses={400: _BAD_SCOPE})
+    async def endpoint_stats(endpoint: str, request: Request, scope: str = "all") -> Response:
         """Per-variant statistics over every gateway process (`scope=process`: the answering process only)."""
-        admin.authorize(request.headers.get("authorization"))
+        admin.authorize(request.headers.get("authorization"))  # before anything else is looked at
+        if scope not in ("all", "process"):
+            raise InvalidInput(f"scope must be 'all' or 'process', got {scope!r}")
         return _json(await admin.stats(endpoint, this_process_only=scope == "process"))
 
     return router

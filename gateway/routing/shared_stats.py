@@ -5,11 +5,13 @@ Each process counts its own requests (`router.VariantStats`, bandit arms). With 
 every process publishes a snapshot of its routes' statistics to Redis each `interval` (hash
 `gatewatch:variant-stats:{endpoint}`, one field per process), and the answer merges the answering process's live
 statistics with the other processes' latest snapshots. Latencies travel as log-scale histograms (buckets 5 % wide),
-so merged percentiles are within a bucket of the exact ones; a process alone keeps its exact percentiles.
+and merged percentiles are the nearest-rank bucket's middle; a process alone (or with only idle ones) keeps its exact
+percentiles.
 
-A snapshot counts only while it is fresh (a process that stopped publishing drops out after `stale_after`) and
-only for the same route: a process still on the previous route (a PUT reaches processes a moment apart) is left
-out, as its statistics describe other variants or weights.
+A snapshot counts only while it is fresh (a process that stopped publishing drops out after `stale_after`, by
+Redis's clock, not the hosts') and only for the same route content: a process still on the previous route (a PUT
+reaches processes a moment apart) is left out, as its statistics describe other variants or weights. Fields of
+processes gone for `forget_after` are deleted by readers and, once a minute, by every publisher.
 """
 
 from __future__ import annotations
@@ -76,20 +78,45 @@ def _bucket_middle(index: int) -> float:
 
 def snapshot_of(router: Router, endpoint: str) -> dict[str, Any] | None:
     """What this process publishes of one endpoint: its route's fingerprint and per-variant counts."""
+    raw = raw_snapshot(router, endpoint)
+    return None if raw is None else build_snapshot(raw)
+
+
+# A snapshot as copied on the event loop (latencies as a plain list): the histograms are built from it elsewhere.
+RawSnapshot = tuple[str, dict[str, dict[str, Any]]]
+
+
+def raw_snapshot(router: Router, endpoint: str) -> RawSnapshot | None:
     compiled = router.get(endpoint)
     if compiled is None:
         return None
-    variants: dict[str, Any] = {}
+    variants: dict[str, dict[str, Any]] = {}
     for index, variant in enumerate(compiled.route.variants):
         stats = compiled.stats[variant.name]
-        part: dict[str, Any] = {
-            "requests": stats.requests, "errors": stats.errors, "latency": latency_histogram(stats.latencies_ms)
-        }
+        part: dict[str, Any] = {"requests": stats.requests, "errors": stats.errors, "latency": list(stats.latencies_ms)}
         if isinstance(compiled.chooser, BanditChooser):
             arm = compiled.chooser.arms[index]
             part |= {"pulls": arm.pulls, "reward_sum": arm.reward_sum, "reward_count": arm.reward_count}
         variants[variant.name] = part
-    return {"route": compiled.fingerprint, "variants": variants}
+    return compiled.fingerprint, variants
+
+
+def build_snapshot(raw: RawSnapshot) -> dict[str, Any]:
+    fingerprint, variants = raw
+    return {
+        "route": fingerprint,
+        "variants": {name: {**part, "latency": latency_histogram(part["latency"])} for name, part in variants.items()},
+    }
+
+
+def _counts(raw: RawSnapshot) -> tuple[object, ...]:
+    """What changes whenever a snapshot does (requests, pulls and rewards only ever grow within one route)."""
+    fingerprint, variants = raw
+    return fingerprint, *((p["requests"], p.get("pulls"), p.get("reward_count")) for p in variants.values())
+
+
+def _has_traffic(snapshot: dict[str, Any]) -> bool:
+    return any(part["requests"] or part.get("pulls") for part in snapshot["variants"].values())
 
 
 def merge_snapshots(snapshots: list[dict[str, Any]], variant_names: list[str]) -> dict[str, dict[str, Any]]:
@@ -127,7 +154,10 @@ class SharedVariantStats:
         self.process = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._task: asyncio.Task[None] | None = None
         self._published: set[str] = set()
+        self._last: dict[str, tuple[tuple[object, ...], dict[str, Any]]] = {}  # endpoint -> (counts, snapshot)
+        self._next_sweep = 0.0
         self._failing = False
+        self._reads_failing = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._publish_forever(), name="variant stats publisher")
@@ -148,37 +178,55 @@ class SharedVariantStats:
     async def stats(self, endpoint: str) -> dict[str, Any] | None:
         """This process's live statistics of `endpoint`, merged with every other live process's latest."""
         local = self._router.stats(endpoint)
-        snapshot = snapshot_of(self._router, endpoint)
-        if local is None or snapshot is None:
+        raw = raw_snapshot(self._router, endpoint)
+        if local is None or raw is None:
             return None
         try:
             async with asyncio.timeout(self._timeout):
-                others = await self._others(endpoint, snapshot["route"])
+                others = await self._others(endpoint, raw[0])
         except (RedisError, OSError, TimeoutError) as exc:
-            logger.warning("variant statistics of other processes unavailable (redis: %s): this one's only", exc)
+            if not self._reads_failing:
+                logger.warning("variant statistics of other processes unavailable (redis: %r): this one's only", exc)
+            self._reads_failing = True
             return {**local, "processes": 1}
+        self._reads_failing = False
+        others = [snapshot for snapshot in others if _has_traffic(snapshot)]
         if not others:
-            return {**local, "processes": 1}
+            return {**local, "processes": 1}  # alone with traffic: exact percentiles
+        snapshot = await asyncio.to_thread(build_snapshot, raw)
         variants = merge_snapshots([snapshot, *others], list(local["variants"]))
         return {**local, "variants": variants, "processes": 1 + len(others)}
 
     async def publish(self) -> None:
-        """Write this process's snapshot of every endpoint (one round trip)."""
-        now_ms = _now_ms()
-        pipe = self._redis.pipeline(transaction=False)
+        """Write this process's snapshot of every endpoint (one round trip). Histograms are rebuilt, off the event
+        loop, only for endpoints whose counts moved; times are Redis's, so that hosts' clocks need not agree."""
+        changed: dict[str, RawSnapshot] = {}
         endpoints = list(self._router.endpoints())
         for endpoint in endpoints:
-            snapshot = snapshot_of(self._router, endpoint)
-            if snapshot is None:
-                continue
-            key = stats_key(endpoint)
-            pipe.hset(key, self.process, orjson.dumps({**snapshot, "at": now_ms}))
-            pipe.expire(key, math.ceil(self._forget_after))
-        for gone in self._published - set(endpoints):  # routes deleted here: withdraw their snapshots
-            pipe.hdel(stats_key(gone), self.process)
+            raw = raw_snapshot(self._router, endpoint)
+            last = self._last.get(endpoint)
+            if raw is not None and (last is None or last[0] != _counts(raw)):
+                changed[endpoint] = raw
+        if changed:
+            built = await asyncio.to_thread(lambda: {e: (_counts(r), build_snapshot(r)) for e, r in changed.items()})
+            self._last.update(built)
+        for gone in set(self._last) - set(endpoints):
+            del self._last[gone]
         async with asyncio.timeout(self._timeout):
+            now_ms = await self._redis_time_ms()
+            pipe = self._redis.pipeline(transaction=False)
+            for endpoint, (_, snapshot) in self._last.items():
+                key = stats_key(endpoint)
+                pipe.hset(key, self.process, orjson.dumps({**snapshot, "at": now_ms}))
+                pipe.expire(key, math.ceil(self._forget_after))
+            for gone in self._published - set(endpoints):  # routes deleted here: withdraw their snapshots
+                pipe.hdel(stats_key(gone), self.process)
             await pipe.execute()
-        self._published = set(endpoints)
+            self._published = set(endpoints)
+            if time.monotonic() >= self._next_sweep:  # processes that died leave fields behind: forget them
+                self._next_sweep = time.monotonic() + self._forget_after
+                for endpoint in endpoints:
+                    await self._others(endpoint, "")
 
     async def _publish_forever(self) -> None:
         while True:
@@ -187,15 +235,24 @@ class SharedVariantStats:
                 await self.publish()
             except (RedisError, OSError, TimeoutError) as exc:
                 if not self._failing:
-                    logger.warning("variant statistics not published (redis: %s); retrying every %gs", exc,
+                    logger.warning("variant statistics not published (redis: %r); retrying every %gs", exc,
                                    self._interval)
                 self._failing = True
                 continue
             self._failing = False
 
+    async def _redis_time_ms(self) -> int:
+        seconds, microseconds = await self._redis.time()
+        return int(seconds) * 1000 + int(microseconds) // 1000
+
     async def _others(self, endpoint: str, route: str) -> list[dict[str, Any]]:
-        fields = cast(dict[bytes, bytes], await self._redis.hgetall(stats_key(endpoint)))  # a bytes client
-        now_ms = _now_ms()
+        """The other processes' fresh snapshots of `route` (all routes' are read; fields long stale are deleted)."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hgetall(stats_key(endpoint))
+        pipe.time()
+        raw_fields, (seconds, microseconds) = await pipe.execute()
+        fields = cast(dict[bytes, bytes], raw_fields)  # a bytes client
+        now_ms = int(seconds) * 1000 + int(microseconds) // 1000
         fresh: list[dict[str, Any]] = []
         forgotten: list[bytes] = []
         for process, raw in fields.items():
@@ -216,5 +273,3 @@ class SharedVariantStats:
         return fresh
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)

@@ -19,6 +19,7 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway.records import PayloadPolicy
+from gateway.routing import shared_stats
 from gateway.routing.router import Router
 from gateway.routing.shared_stats import (
     SharedVariantStats,
@@ -148,6 +149,36 @@ async def test_processes_on_another_route_or_gone_quiet_are_left_out(redis_clien
     assert forgotten_before == 2 and await redis_client.hlen(stats_key("ep")) == 0  # type: ignore[misc]
 
 
+async def test_a_process_without_traffic_leaves_the_exact_figures_alone(redis_client: Redis) -> None:
+    busy = SharedVariantStats(redis_client, process_with(AB, {"a": [(200, 1.0)] * 49 + [(200, 5000.0)]}), timeout=5)
+    await SharedVariantStats(redis_client, process_with(AB, {}), timeout=5).publish()  # an idle worker
+    stats = await busy.stats("ep")
+    assert stats is not None and stats["processes"] == 1
+    assert stats["variants"]["a"]["p99_ms"] == pytest.approx(float(np.percentile([1.0] * 49 + [5000.0], 99)))
+
+
+async def test_publishing_rebuilds_only_what_moved_and_forgets_dead_processes(
+    redis_client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    router = process_with(AB, {"a": [(200, 1.0)] * 3})
+    share = SharedVariantStats(redis_client, router, timeout=5)
+    dead = {"route": "x", "variants": {}, "at": 0}  # published by a process that died long ago
+    await redis_client.hset(stats_key("ep"), "dead-process", orjson.dumps(dead))  # type: ignore[misc]
+    built: list[str] = []
+    original = shared_stats.build_snapshot
+    monkeypatch.setattr(shared_stats, "build_snapshot", lambda raw: built.append(raw[0]) or original(raw))
+    await share.publish()
+    assert len(built) == 1
+    assert await redis_client.hkeys(stats_key("ep")) == [share.process.encode()]  # type: ignore[misc]
+    await share.publish()
+    assert len(built) == 1  # nothing moved: the last snapshot is sent again, with a new time
+    compiled = router.get("ep")
+    assert compiled is not None
+    compiled.stats["b"].record(200, 2.0)
+    await share.publish()
+    assert len(built) == 2
+
+
 async def test_redis_unreachable_answers_with_this_process_alone() -> None:
     unreachable = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
     share = SharedVariantStats(unreachable, process_with(AB, {"a": [(200, 3.0)] * 3}), timeout=1)
@@ -190,4 +221,8 @@ async def test_stats_from_either_gateway_count_the_traffic_of_both(
         assert {name: v["requests"] for name, v in variants.items()} == dict(served)
     async with admin_client(one) as client:
         own = (await client.get("/admin/endpoints/spread/stats", params={"scope": "process"})).json()
+        wrong_scope = await client.get("/admin/endpoints/spread/stats", params={"scope": "everything"})
     assert own["processes"] == 1 and sum(v["requests"] for v in own["variants"].values()) == 60
+    assert wrong_scope.status_code == 400 and "scope" in wrong_scope.json()["error"]
+    async with admin_client(one, headers={}) as anonymous:  # the token is checked before anything else
+        assert (await anonymous.get("/admin/endpoints/spread/stats", params={"scope": "x"})).status_code == 401
