@@ -1,9 +1,14 @@
 """RouteStore: routes kept in Redis and broadcast, so every gateway replica serves the same splits.
 
 Layout: hash `gatewatch:routes` (endpoint -> route JSON), set `gatewatch:routes:deleted` (endpoints deleted over
-the admin API, so the config file does not bring them back), channel `gatewatch:routes` (the endpoint name of
-each change). A replica applies a change when it hears of it (pub/sub) and also re-reads the whole hash every
-`resync_seconds`, which covers messages missed while its connection was down.
+the admin API, so the config file does not bring them back), key `gatewatch:routes:seeded` (the table has been
+written), channel `gatewatch:routes` (the endpoint name of each change). A replica applies a change when it hears
+of it (pub/sub) and also re-reads the whole hash every `resync_seconds`, which covers messages missed while its
+connection was down.
+
+A Redis that lost its data (restarted without persistence, or flushed) has no `seeded` key: then an empty table
+does not mean "every route was deleted". The first replica to notice writes back the routes it serves (or, serving
+none, the config file's), so replicas keep serving instead of dropping every endpoint to 404.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 ROUTES_KEY = "gatewatch:routes"
 DELETED_KEY = "gatewatch:routes:deleted"
+SEEDED_KEY = "gatewatch:routes:seeded"
 CHANNEL = "gatewatch:routes"
 
 class RouteTarget(Protocol):
@@ -45,9 +51,11 @@ class RouteStore:
         self._target = target
         self._validate = validate
         self._tasks: list[asyncio.Task[None]] = []
+        self._initial: dict[str, dict[str, Any]] = {}
 
     async def seed(self, initial: dict[str, dict[str, Any]]) -> None:
         """Store the config file's routes that Redis has never seen (stored ones and deletions win)."""
+        self._initial = initial
         members: Any = await self._redis.smembers(DELETED_KEY)
         deleted = {name.decode() for name in members}
         for endpoint, raw in initial.items():
@@ -55,11 +63,27 @@ class RouteStore:
                 continue
             route = parse_route(endpoint, raw)
             await self._redis.hsetnx(ROUTES_KEY, endpoint, route.model_dump_json())
+        await self._redis.set(SEEDED_KEY, "1")
 
     async def load_all(self) -> None:
         """Apply every stored route; drop local routes that are gone from Redis."""
+        if not await self._redis.exists(SEEDED_KEY):
+            await self._restore()
         stored: Any = await self._redis.hgetall(ROUTES_KEY)
         self._apply_all({k.decode(): v for k, v in stored.items()})
+
+    async def _restore(self) -> None:
+        """Redis has lost the route table: write back what this replica serves, else the config file's routes.
+        Another replica may be doing the same: HSETNX keeps whichever route arrived first."""
+        live = self._target.endpoints()
+        if not live:
+            await self.seed(self._initial)
+            return
+        logger.warning("redis has lost the route table (restarted empty?): writing back this replica's %d routes",
+                       len(live))
+        for endpoint, route in live.items():
+            await self._redis.hsetnx(ROUTES_KEY, endpoint, route.model_dump_json())
+        await self._redis.set(SEEDED_KEY, "1")
 
     async def put(self, endpoint: str, route: Route) -> None:
         try:

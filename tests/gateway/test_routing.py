@@ -49,7 +49,7 @@ ALPHA = 0.001  # the issue's significance level for the split tests
 CONCURRENCY = 16
 
 # Redis databases, one per gateway group (0 belongs to the conftest's `redis_client`).
-DB_SHARED, DB_SLOW_SHADOW, DB_PAIR, DB_NO_TOKEN, DB_DELETE, DB_RELAY = 1, 2, 3, 4, 5, 6
+DB_SHARED, DB_SLOW_SHADOW, DB_PAIR, DB_NO_TOKEN, DB_DELETE, DB_RELAY, DB_WIPED = 1, 2, 3, 4, 5, 6, 7
 
 
 # -- models, configs, gateways --------------------------------------------------------------------------
@@ -793,6 +793,34 @@ async def test_delete_removes_endpoint_and_restart_does_not_resurrect_it(
         assert (await client.get("/admin/endpoints")).json() == {"endpoints": {}}
         assert (await client.put("/admin/endpoints/fraud", json=AB)).status_code == 200  # can be re-created
     assert set(assert_served_by(await drive(restarted.url, "fraud", 20, 4), VERSION_OF)) <= {"a", "b"}
+
+
+async def test_a_redis_that_lost_its_data_gets_the_served_routes_back(
+    registry: Path, redis_server: RedisServer, tmp_path: Path, launch: Callable[[Path], GatewayProcess]
+) -> None:
+    """Redis restarted without persistence: the gateway keeps serving what it served (the admin's latest routes,
+    not the config file's, and not what the admin deleted) and writes it back for the other replicas."""
+    url = redis_db(redis_server, DB_WIPED)
+    endpoints = {"kept": AB, "dropped": AB}
+    gateway = await asyncio.to_thread(
+        launch, gateway_config(tmp_path / "wiped", registry, url, endpoints, route_resync_seconds=0.2)
+    )
+    changed = {"variants": [variant("only", "challenger")]}
+    async with admin_client(gateway) as client:
+        assert (await client.put("/admin/endpoints/kept", json=changed)).status_code == 200
+        assert (await client.delete("/admin/endpoints/dropped")).status_code == 200
+    wiped = redis.Redis.from_url(url)
+    wiped.flushdb()
+
+    async def routes_written_back() -> bool:
+        return wiped.hkeys("gatewatch:routes") == [b"kept"]
+
+    await eventually(routes_written_back, 10.0, "the served routes written back to the emptied redis")
+    assert orjson.loads(wiped.hget("gatewatch:routes", "kept") or b"{}")["variants"][0]["name"] == "only"
+    wiped.close()
+    served = await drive(gateway.url, "kept", 10, 2)
+    assert assert_served_by(served, {"only": "2"}) == Counter({"only": 10})
+    assert [a.status for a in await drive(gateway.url, "dropped", 3, 1)] == [404] * 3
 
 
 # -- CLI ----------------------------------------------------------------------------------------------------
