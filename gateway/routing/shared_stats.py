@@ -32,7 +32,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.cancellation import cancel_and_wait
-from gateway.routing.router import Router
+from gateway.routing.router import CompiledRoute, Router
 from gateway.routing.strategies import BanditChooser
 
 logger = logging.getLogger(__name__)
@@ -76,20 +76,11 @@ def _bucket_middle(index: int) -> float:
     return float(SMALLEST_MS * BUCKET_RATIO ** (index + 0.5))
 
 
-def snapshot_of(router: Router, endpoint: str) -> dict[str, Any] | None:
-    """What this process publishes of one endpoint: its route's fingerprint and per-variant counts."""
-    raw = raw_snapshot(router, endpoint)
-    return None if raw is None else build_snapshot(raw)
-
-
 # A snapshot as copied on the event loop (latencies as a plain list): the histograms are built from it elsewhere.
 RawSnapshot = tuple[str, dict[str, dict[str, Any]]]
 
 
-def raw_snapshot(router: Router, endpoint: str) -> RawSnapshot | None:
-    compiled = router.get(endpoint)
-    if compiled is None:
-        return None
+def raw_snapshot(compiled: CompiledRoute) -> RawSnapshot:
     variants: dict[str, dict[str, Any]] = {}
     for index, variant in enumerate(compiled.route.variants):
         stats = compiled.stats[variant.name]
@@ -109,10 +100,15 @@ def build_snapshot(raw: RawSnapshot) -> dict[str, Any]:
     }
 
 
-def _counts(raw: RawSnapshot) -> tuple[object, ...]:
-    """What changes whenever a snapshot does (requests, pulls and rewards only ever grow within one route)."""
-    fingerprint, variants = raw
-    return fingerprint, *((p["requests"], p.get("pulls"), p.get("reward_count")) for p in variants.values())
+def _counts(compiled: CompiledRoute) -> tuple[object, ...]:
+    """What changes whenever a snapshot does (requests and rewards only ever grow within one route), read without
+    copying the latencies."""
+    arms = compiled.chooser.arms if isinstance(compiled.chooser, BanditChooser) else []
+    return (
+        compiled.fingerprint,
+        *(stats.requests for stats in compiled.stats.values()),
+        *((arm.pulls, arm.reward_count) for arm in arms),
+    )
 
 
 def _has_traffic(snapshot: dict[str, Any]) -> bool:
@@ -178,12 +174,12 @@ class SharedVariantStats:
     async def stats(self, endpoint: str) -> dict[str, Any] | None:
         """This process's live statistics of `endpoint`, merged with every other live process's latest."""
         local = self._router.stats(endpoint)
-        raw = raw_snapshot(self._router, endpoint)
-        if local is None or raw is None:
+        compiled = self._router.get(endpoint)
+        if local is None or compiled is None:
             return None
         try:
             async with asyncio.timeout(self._timeout):
-                others = await self._others(endpoint, raw[0])
+                others = await self._others(endpoint, compiled.fingerprint)
         except (RedisError, OSError, TimeoutError) as exc:
             if not self._reads_failing:
                 logger.warning("variant statistics of other processes unavailable (redis: %r): this one's only", exc)
@@ -193,22 +189,25 @@ class SharedVariantStats:
         others = [snapshot for snapshot in others if _has_traffic(snapshot)]
         if not others:
             return {**local, "processes": 1}  # alone with traffic: exact percentiles
-        snapshot = await asyncio.to_thread(build_snapshot, raw)
+        snapshot = await asyncio.to_thread(build_snapshot, raw_snapshot(compiled))
         variants = merge_snapshots([snapshot, *others], list(local["variants"]))
         return {**local, "variants": variants, "processes": 1 + len(others)}
 
     async def publish(self) -> None:
         """Write this process's snapshot of every endpoint (one round trip). Histograms are rebuilt, off the event
         loop, only for endpoints whose counts moved; times are Redis's, so that hosts' clocks need not agree."""
-        changed: dict[str, RawSnapshot] = {}
+        changed: dict[str, tuple[tuple[object, ...], RawSnapshot]] = {}
         endpoints = list(self._router.endpoints())
         for endpoint in endpoints:
-            raw = raw_snapshot(self._router, endpoint)
+            compiled = self._router.get(endpoint)
+            if compiled is None:
+                continue
+            counts = _counts(compiled)
             last = self._last.get(endpoint)
-            if raw is not None and (last is None or last[0] != _counts(raw)):
-                changed[endpoint] = raw
+            if last is None or last[0] != counts:
+                changed[endpoint] = (counts, raw_snapshot(compiled))
         if changed:
-            built = await asyncio.to_thread(lambda: {e: (_counts(r), build_snapshot(r)) for e, r in changed.items()})
+            built = await asyncio.to_thread(lambda: {e: (c, build_snapshot(r)) for e, (c, r) in changed.items()})
             self._last.update(built)
         for gone in set(self._last) - set(endpoints):
             del self._last[gone]

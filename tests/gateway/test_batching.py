@@ -598,6 +598,21 @@ class Connection:
         self.closed = True
 
 
+async def full_queue_of_three(lab: Lab) -> tuple[
+    AdaptiveBatcher, RecordingObserver, asyncio.Task[list[np.ndarray]], list[Connection],
+    list[asyncio.Task[list[np.ndarray]]],
+]:
+    """A batcher whose runner is held busy by `first`, with three requests from three clients filling its queue."""
+    batcher, observer = lab.batcher("identity", max_queue_size=3)
+    lab.hold()
+    first = asyncio.create_task(batcher.infer({"x": ones(1)}, 1, None))
+    await dispatched(batcher, observer)
+    connections = [Connection() for _ in range(3)]
+    queued = [asyncio.create_task(batcher.infer({"x": ones(1)}, 1, None, c.gone)) for c in connections]
+    await poll(lambda: batcher.depth == 3, what="a full queue")
+    return batcher, observer, first, connections, queued
+
+
 async def test_requests_whose_clients_left_are_dropped_unrun_when_reached(lab: Lab) -> None:
     batcher, observer = lab.batcher("identity", max_batch_size=1)
     lab.hold()
@@ -626,13 +641,7 @@ async def test_a_full_queue_makes_room_by_dropping_requests_whose_clients_left(
     lab: Lab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(batcher_module, "_ROOM_SCAN_INTERVAL", 0.0)  # every refusal may scan
-    batcher, observer = lab.batcher("identity", max_queue_size=3)
-    lab.hold()
-    first = asyncio.create_task(batcher.infer({"x": ones(1)}, 1, None))
-    await dispatched(batcher, observer)
-    connections = [Connection() for _ in range(3)]
-    queued = [asyncio.create_task(batcher.infer({"x": ones(1)}, 1, None, c.gone)) for c in connections]
-    await poll(lambda: batcher.depth == 3, what="a full queue")
+    batcher, observer, first, connections, queued = await full_queue_of_three(lab)
     with pytest.raises(Overloaded):  # every client still waits: the queue is really full
         await batcher.infer({"x": ones(1)}, 1, None)
 
@@ -652,13 +661,7 @@ async def test_sustained_overload_scans_the_full_queue_at_most_once_per_interval
     lab: Lab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(batcher_module, "_ROOM_SCAN_INTERVAL", 3600.0)
-    batcher, observer = lab.batcher("identity", max_queue_size=3)
-    lab.hold()
-    first = asyncio.create_task(batcher.infer({"x": ones(1)}, 1, None))
-    await dispatched(batcher, observer)
-    connections = [Connection() for _ in range(3)]
-    queued = [asyncio.create_task(batcher.infer({"x": ones(1)}, 1, None, c.gone)) for c in connections]
-    await poll(lambda: batcher.depth == 3, what="a full queue")
+    batcher, observer, first, connections, queued = await full_queue_of_three(lab)
     for _ in range(100):
         with pytest.raises(Overloaded):
             await batcher.infer({"x": ones(1)}, 1, None)

@@ -177,6 +177,9 @@ async def test_a_client_that_leaves_mid_body_is_logged_499(served: Served, http:
         return len(mid_body()) == 1
 
     await wait_for(logged, 30, "the abandoned upload in the log stream")
+    assert await counted_unrouted(http, "499") - gone_before == 1
+    (record,) = mid_body()
+    assert record["endpoint"] == MODEL and "closed the connection after 25 bytes of its request body" in record["error"]
 
 
 async def counted_unrouted(http: httpx.AsyncClient, code: str) -> float:
