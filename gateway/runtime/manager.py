@@ -3,6 +3,10 @@
 Every change is prepared off to the side (fetch, verify, create the session, warm up) and then published with a
 single assignment on the event loop, so a request sees either the old set of versions or the new one. A version
 that fails any step is refused with a log line and `gatewatch_model_load_failures_total`; the others serve on.
+
+A loaded version whose files change in the registry (a model.onnx replaced in place, an MLflow model deleted and
+registered again, which restarts at version 1) is loaded again and swapped in the same way, as Triton's polling
+does; if the new files fail, or their signature could not stand in for the served one, the old files serve on.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass, field
 from gateway.errors import ModelNotFound
 from gateway.metrics import GatewayMetrics
 from gateway.runtime.batcher import AdaptiveBatcher, BatchLimits
-from gateway.runtime.promotion import Promotion, promote
+from gateway.runtime.promotion import Promotion, incompatibility, promote
 from gateway.runtime.runner import OnnxRunner, SessionOptions, UnsupportedModel
 from registry_client.base import ModelArtifact, ModelIndex, Registry, VersionRef
 from registry_client.errors import ArtifactRejected, RegistryError, RegistryUnavailable, VersionNotFound
@@ -32,6 +36,7 @@ class LoadedVersion:
     artifact: ModelArtifact
     runner: OnnxRunner
     batcher: AdaptiveBatcher
+    revision: str = ""  # the registry's revision of the files it was loaded from ("" when the backend gives none)
 
     @property
     def model(self) -> str:
@@ -51,6 +56,7 @@ class ModelState:
     aliases: dict[str, int] = field(default_factory=dict)
     refused: dict[int, str] = field(default_factory=dict)
     refused_revisions: dict[int, str] = field(default_factory=dict)  # the files each refusal was about
+    refused_updates: dict[int, str] = field(default_factory=dict)  # loaded versions: newer files refused (revision)
     latest_version: int | None = None
     reported_refusals: frozenset[str] = frozenset()  # refused moves already logged: each is reported once
 
@@ -181,29 +187,46 @@ class ModelManager:
         current = self._models.get(index.model, ModelState(index.model))
         versions = dict(current.versions)
         refused, refused_revisions = _still_refused(current, index)
+        refused_updates = {v: r for v, r in current.refused_updates.items() if index.revisions.get(v) == r}
+        replaced: list[LoadedVersion] = []
         unavailable: RegistryUnavailable | None = None
         for version in index.versions:
-            if version in versions or version in refused:
+            serving = versions.get(version)
+            revision = index.revisions.get(version, "")
+            if version in refused or (serving is not None and not _files_changed(serving, revision, refused_updates)):
                 continue
             try:
-                loaded, reason = await self._load(index.model, version)
+                loaded, reason = await self._load(index.model, version, serving)
             except RegistryUnavailable as exc:
                 unavailable = unavailable or exc
                 continue
             if loaded is not None:
+                loaded.revision = revision
                 versions[version] = loaded
+                if serving is not None:
+                    replaced.append(serving)
+            elif serving is not None:
+                refused_updates[version] = revision  # tried once per change of files, not at every poll
             else:
                 refused[version] = reason
-                refused_revisions[version] = index.revisions.get(version, "")
+                refused_revisions[version] = revision
         removed = [versions.pop(v) for v in list(versions) if v not in index.versions]
         runners = {v: loaded.runner for v, loaded in versions.items()}
         promotion = promote(runners, index.aliases, current.aliases, current.latest_version)
         self._report(index.model, promotion, current.reported_refusals)
         # One assignment publishes the new state: a request sees the old versions and aliases or the new ones.
         self._models[index.model] = ModelState(
-            index.model, versions, promotion.aliases, refused, refused_revisions, promotion.latest,
+            index.model,
+            versions,
+            promotion.aliases,
+            refused,
+            refused_revisions,
+            refused_updates,
+            promotion.latest,
             frozenset(promotion.refused),
         )
+        for old in replaced:
+            await old.batcher.aclose()  # answers what it already queued; new requests go to the new files
         for old in removed:
             await self._unload(old)
         return unavailable
@@ -218,7 +241,12 @@ class ModelManager:
             logger.error("%s: refused %s; the current version keeps serving", model, note)
             self._metrics.model_reloads.labels(model, "refused").inc()
 
-    async def _load(self, model: str, version: int) -> tuple[LoadedVersion | None, str]:
+    async def _load(
+        self, model: str, version: int, serving: LoadedVersion | None = None
+    ) -> tuple[LoadedVersion | None, str]:
+        """Fetch, verify and load a version; `serving` is the copy of it already loaded, when its files changed."""
+        if serving is not None:
+            logger.info("%s v%s: its files changed in the registry; loading them again", model, version)
         try:
             artifact = await self._registry.fetch(model, version)
             runner = await asyncio.to_thread(
@@ -234,6 +262,9 @@ class ModelManager:
             return None, self._refuse(model, version, "unsupported", str(exc))
         except Exception as exc:  # onnxruntime raises its own types for a file it cannot load
             return None, self._refuse(model, version, "invalid_model", f"onnxruntime cannot load it: {exc}")
+        if serving is not None and (reason := incompatibility(serving.runner, runner)) is not None:
+            detail = f"its new files cannot replace the served ones: {reason}"
+            return None, self._refuse(model, version, "incompatible", detail)
         label = f"{model} v{version}"
         batcher = AdaptiveBatcher(runner, self._limits_for(model), self._metrics.for_version(model, version), label)
         self._metrics.model_loaded.labels(model, str(version)).set(1)
@@ -242,7 +273,9 @@ class ModelManager:
         return LoadedVersion(artifact, runner, batcher), ""
 
     def _refuse(self, model: str, version: int, reason: str, detail: str) -> str:
-        logger.error("refused %s v%s [%s]: %s", model, version, reason, detail)
+        serving = model in self._models and version in self._models[model].versions
+        still = "; its earlier files serve on" if serving else ""
+        logger.error("refused %s v%s [%s]: %s%s", model, version, reason, detail, still)
         self._metrics.model_load_failures.labels(model, str(version), reason).inc()
         self._metrics.model_reloads.labels(model, "failed").inc()
         return reason
@@ -260,6 +293,14 @@ class ModelManager:
     async def aclose(self) -> None:
         for name in list(self._models):
             await self._unload_model(name)
+
+
+def _files_changed(serving: LoadedVersion, revision: str, refused_updates: dict[int, str]) -> bool:
+    """Whether a loaded version's files in the registry are no longer those it was loaded from (and those new
+    files were not already refused)."""
+    if not revision or not serving.revision or revision == serving.revision:
+        return False
+    return refused_updates.get(serving.version) != revision
 
 
 def _still_refused(current: ModelState, index: ModelIndex) -> tuple[dict[int, str], dict[int, str]]:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import http.server
+import os
 import socket
 import threading
 import time
@@ -29,11 +30,13 @@ from typing import Any
 
 import httpx
 import numpy as np
+import onnxruntime as ort
 import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.errors import NotReady
 from gateway.metrics import GatewayMetrics
 from gateway.runtime.batcher import BatchLimits
 from gateway.runtime.manager import ModelManager
@@ -653,8 +656,9 @@ async def test_directory_version_caught_while_being_written_loads_once_the_write
         target.parent.mkdir()
         target.write_bytes(payload[: len(payload) // 3])  # the writer is a third of the way through
         await wait_log(gateway, f"refused {name} v2")
-        failures = await metric(http, "gatewatch_model_load_failures_total", model=name, version="2",
-                                reason="invalid_model")
+        failures = await metric(
+            http, "gatewatch_model_load_failures_total", model=name, version="2", reason="invalid_model"
+        )
         assert failures >= 1
         assert not await version_ready(http, name, 2)
         assert await serving_version(http, name) == 1  # the old version keeps serving meanwhile
@@ -681,3 +685,157 @@ async def test_directory_aliases_file_caught_half_written_moves_no_alias(tmp_pat
         assert (await metadata(http, name))["aliases"] == {"champion": "1"}
         om.write_aliases(registry, name, {"champion": 2})
         await wait_serving(http, name, 2)
+
+
+# -- a version's files replaced --------------------------------------------------------------------------------------
+
+
+def replace_file(path: Path, payload: bytes) -> None:
+    """Swap a file's content in one step (written beside it, then renamed over it), as a careful writer does."""
+    staging = path.with_name(f".{path.name}.new")
+    staging.write_bytes(payload)
+    os.replace(staging, path)
+
+
+async def output_of(client: httpx.AsyncClient, model: str) -> float:
+    response = await infer(client, model)
+    assert response.status_code == 200, response.text
+    return float(next(o for o in response.json()["outputs"] if o["name"] == "probabilities")["data"][0])
+
+
+async def wait_output(client: httpx.AsyncClient, model: str, expected: float, within: float = 30) -> None:
+    async def check() -> bool:
+        return round(await output_of(client, model), 6) == round(expected, 6)
+
+    await eventually(check, within, f"{model} answering {expected}")
+
+
+async def test_directory_version_replaced_in_place_is_swapped_under_load(tmp_path: Path) -> None:
+    """A model.onnx replaced in place (same version number) is loaded again and swapped in without a failed request;
+    per client, once the new files answered, the old ones never do again."""
+    registry = tmp_path / "models"
+    name = "replaced"
+    version_dir = om.write_version(registry, name, 1, om.tabular_classifier(seed=1), with_sha256=False)
+    async with directory_gateway(tmp_path, registry) as (gateway, http):
+        old_output = await output_of(http, name)
+        stop = asyncio.Event()
+        per_client: list[list[Answer]] = [[] for _ in range(LOAD_TASKS // 2)]
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+            clients = [asyncio.create_task(client_loop(client, name, stop, answers)) for answers in per_client]
+            try:
+                await eventually(lambda: _answered(per_client, 200), 60, "load running")
+                replace_file(version_dir / "model.onnx", tabular(seed=2))
+                await eventually(lambda: _answered_other_than(per_client, old_output, 200), 30, "new files answering")
+            finally:
+                stop.set()
+                await asyncio.gather(*clients)
+        answers = [a for client_answers in per_client for a in client_answers]
+        failed = [a for a in answers if a.status != 200]
+        assert failed == [], f"{len(failed)} of {len(answers)} requests failed, e.g. {failed[:3]}"
+        assert {a.version for a in answers} == {1}
+        outputs = {round(a.output or 0.0, 6) for a in answers}
+        assert len(outputs) == 2 and round(old_output, 6) in outputs
+        for index, client_answers in enumerate(per_client):
+            old = [round(a.output or 0.0, 6) == round(old_output, 6) for a in client_answers]
+            assert old == sorted(old, reverse=True), f"client {index} got the old files back after the new ones"
+        assert f"{name} v1: its files changed in the registry" in gateway.log()
+        assert await metric(http, "gatewatch_model_loaded", model=name, version="1") == 1  # not "unloaded"
+        assert await metric(http, "gatewatch_model_reloads_total", model=name, outcome="loaded") == 2
+
+
+def _answered(per_client: list[list[Answer]], count: int) -> Awaitable[bool]:
+    async def check() -> bool:
+        return sum(len(answers) for answers in per_client) >= count
+
+    return check()
+
+
+def _answered_other_than(per_client: list[list[Answer]], output: float, count: int) -> Awaitable[bool]:
+    async def check() -> bool:
+        others = [a for answers in per_client for a in answers if round(a.output or 0.0, 6) != round(output, 6)]
+        return len(others) >= count
+
+    return check()
+
+
+async def test_directory_replacement_that_cannot_serve_is_refused_once_and_the_old_files_serve_on(
+    tmp_path: Path,
+) -> None:
+    """Broken or incompatible new files for a loaded version are refused (counted once per change of files, not at
+    every poll); the version keeps answering from its earlier files, and good files later are swapped in."""
+    registry = tmp_path / "models"
+    name = "guardedfiles"
+    version_dir = om.write_version(registry, name, 1, om.tabular_classifier(seed=1), with_sha256=False)
+    async with directory_gateway(tmp_path, registry) as (gateway, http):
+        old_output = await output_of(http, name)
+
+        replace_file(version_dir / "model.onnx", b"not an onnx model")
+        await wait_log(gateway, f"refused {name} v1 [invalid_model]")
+        # A model added afterwards is served only after a later poll, which saw the same broken files again.
+        om.write_version(registry, "marker", 1, om.tabular_classifier(seed=9))
+        await wait_serving(http, "marker", 1)
+        failures = await metric(
+            http, "gatewatch_model_load_failures_total", model=name, version="1", reason="invalid_model"
+        )
+        assert failures == 1
+        assert round(await output_of(http, name), 6) == round(old_output, 6)
+        assert "its earlier files serve on" in gateway.log()
+
+        replace_file(version_dir / "model.onnx", onnx_bytes(om.tabular_classifier(features=8, seed=3)))
+        await wait_log(gateway, f"refused {name} v1 [incompatible]")
+        assert "input 'input' has shape" in gateway.log()
+        assert round(await output_of(http, name), 6) == round(old_output, 6)
+        assert await version_ready(http, name, 1)
+
+        new_payload = tabular(seed=4)
+        replace_file(version_dir / "model.onnx", new_payload)
+        expected = await asyncio.to_thread(_probability, new_payload)
+        await wait_output(http, name, expected)
+
+
+def _probability(payload: bytes) -> float:
+    """What onnxruntime answers for BODY's first probability with this model: the output the gateway must give."""
+    session = ort.InferenceSession(payload, providers=["CPUExecutionProvider"])
+    row = np.asarray(orjson.loads(BODY)["inputs"][0]["data"], dtype=np.float32).reshape(1, FEATURES)
+    return float(session.run(["probabilities"], {"input": row})[0][0][0])
+
+
+async def test_mlflow_model_registered_again_between_polls_is_loaded_again(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    """In process, one sync per poll: a model deleted and registered anew between two polls has a version 1 again,
+    with other files. The manager serves the new files (and the old batcher is closed), not the ones it loaded."""
+    name = unique_name("reborn")
+    await asyncio.to_thread(register_onnx, mlflow_server, name, tabular(seed=1))
+    metrics = GatewayMetrics(CollectorRegistry())
+    executor = ThreadPoolExecutor(2)
+    registry = MlflowRegistry(f"mlflow+{mlflow_server.url}", tmp_path / "models")
+    manager = ModelManager(registry, executor, metrics, SessionOptions(1, 1), lambda _: BatchLimits())
+    row = np.asarray(orjson.loads(BODY)["inputs"][0]["data"], dtype=np.float32).reshape(1, FEATURES)
+
+    async def first_probability() -> float:
+        outputs = await manager.resolve(name).batcher.infer({"input": row}, 1, None)
+        return float(outputs[0][0][0])
+
+    try:
+        await manager.sync()
+        first = manager.resolve(name)
+        assert round(await first_probability(), 6) == round(_probability(tabular(seed=1)), 6)
+
+        await asyncio.to_thread(client_for(mlflow_server).delete_registered_model, name)
+        assert await asyncio.to_thread(register_onnx, mlflow_server, name, tabular(seed=2)) == 1
+        await manager.sync()
+
+        assert manager.resolve(name) is not first
+        assert round(await first_probability(), 6) == round(_probability(tabular(seed=2)), 6)
+        loaded = metrics.registry.get_sample_value(
+            "gatewatch_model_reloads_total", {"model": name, "outcome": "loaded"}
+        )
+        assert loaded == 2
+        assert metrics.registry.get_sample_value("gatewatch_model_loaded", {"model": name, "version": "1"}) == 1
+        with pytest.raises(NotReady, match="being unloaded"):  # the old files' batcher is closed
+            await first.batcher.infer({"input": row}, 1, None)
+    finally:
+        await manager.aclose()
+        await registry.aclose()
+        executor.shutdown()
