@@ -124,8 +124,9 @@ class DataPlane:
     # -- health and metadata ------------------------------------------------------------------------------
 
     def ready(self) -> bool:
-        """Models loaded, and every variant of every route resolves to a loaded version."""
-        if not self._manager.ready:
+        """Models loaded (at least one version, when the registry lists any), and every variant of every route
+        resolves to a loaded version."""
+        if not self._manager.ready or not self._manager.serves_something():
             return False
         for route in self._router.endpoints().values():
             for variant in route.variants:
@@ -219,8 +220,9 @@ class DataPlane:
             return
         model = "" if served == "endpoint" else name
         self._log.log(
-            Exchange(request_id, arrived_ms, name, DEFAULT_VARIANT, ROLE_PRIMARY, model, None, 0, status, latency_ms,
-                     error)
+            Exchange(
+                request_id, arrived_ms, name, DEFAULT_VARIANT, ROLE_PRIMARY, model, None, 0, status, latency_ms, error
+            )
         )
 
     def _after(

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from gateway.errors import ModelNotFound
+from gateway.errors import ModelNotFound, NotReady
 from gateway.metrics import GatewayMetrics
 from gateway.runtime.batcher import AdaptiveBatcher, BatchLimits
 from gateway.runtime.promotion import Promotion, incompatibility, promote
@@ -59,6 +59,7 @@ class ModelState:
     refused_updates: dict[int, str] = field(default_factory=dict)  # loaded versions: newer files refused (revision)
     latest_version: int | None = None
     reported_refusals: frozenset[str] = frozenset()  # refused moves already logged: each is reported once
+    wanted_aliases: dict[str, int] = field(default_factory=dict)  # what the registry says, loaded or not
 
     def latest(self) -> LoadedVersion | None:
         return self.versions.get(self.latest_version) if self.latest_version is not None else None
@@ -87,23 +88,36 @@ class ModelManager:
     def model_names(self) -> list[str]:
         return sorted(self._models)
 
+    def serves_something(self) -> bool:
+        """False when the registry lists models but not one version of them loaded (all refused)."""
+        return not self._models or any(state.versions for state in self._models.values())
+
     def state(self, model: str) -> ModelState:
         state = self._models.get(model)
         if state is None:
+            if not self.ready:  # the first look at the registry has not finished: no model is known yet
+                raise NotReady(f"models are still loading from the registry; {model!r} is not known yet")
             raise ModelNotFound(f"unknown model {model!r}; serving: {', '.join(self.model_names()) or 'none'}")
         return state
 
     def resolve(self, model: str, ref: VersionRef | None = None) -> LoadedVersion:
-        """The loaded version `ref` names; no ref means the `champion` alias, else the latest loaded version."""
+        """The loaded version `ref` names; no ref means the `champion` alias when the registry sets one (never
+        another version in its place), else the latest loaded version."""
         state = self.state(model)
         if ref is None:
-            ref = DEFAULT_ALIAS if DEFAULT_ALIAS in state.aliases else "latest"
+            ref = DEFAULT_ALIAS if DEFAULT_ALIAS in state.wanted_aliases else "latest"
         if ref == "latest":
             latest = state.latest()
             if latest is None:
                 raise ModelNotFound(f"model {model!r} has no loaded version ({self._refusals(state)})")
             return latest
         version = ref if isinstance(ref, int) else state.aliases.get(ref)
+        if version is None and isinstance(ref, str) and ref in state.wanted_aliases:
+            wanted = state.wanted_aliases[ref]
+            raise ModelNotFound(
+                f"model {model!r}: its {ref} alias points at v{wanted}, which is not loaded ({self._refusals(state)}); "
+                "no other version answers in its place"
+            )
         if version is None:
             known = ", ".join(sorted(state.aliases)) or "none"
             raise ModelNotFound(f"model {model!r} has no alias {ref!r} (aliases: {known}; or a version number)")
@@ -224,6 +238,7 @@ class ModelManager:
             refused_updates,
             promotion.latest,
             frozenset(promotion.refused),
+            dict(index.aliases),
         )
         for old in replaced:
             await old.batcher.aclose()  # answers what it already queued; new requests go to the new files
@@ -238,7 +253,7 @@ class ModelManager:
         for note in promotion.refused:
             if note in already_reported:
                 continue  # the registry still asks for the same refused move: said once already
-            logger.error("%s: refused %s; the current version keeps serving", model, note)
+            logger.error("%s: refused %s", model, note)
             self._metrics.model_reloads.labels(model, "refused").inc()
 
     async def _load(

@@ -75,7 +75,7 @@ def _move(name: str, old: int | None, new: int, loaded: Mapping[int, OnnxRunner]
         return new, None
     if new not in loaded:
         if old in loaded and old != new:
-            return old, f"{name} -> v{new}: that version is not loaded"
+            return old, f"{name} -> v{new}: that version is not loaded; v{old} keeps serving"
         # Nothing loaded to point at (the version was deleted, refused, or is still loading): the name is unset,
         # and requests that relied on it go to `latest` (the model's default) or get a 404 naming the version.
         return None, f"{name} -> v{new}: that version is not loaded; {name} is unset until it is"
@@ -83,7 +83,7 @@ def _move(name: str, old: int | None, new: int, loaded: Mapping[int, OnnxRunner]
         return new, f"{name}: -> v{new}"
     reason = incompatibility(loaded[old], loaded[new])
     if reason is not None:
-        return old, f"{name} -> v{new}: {reason}"
+        return old, f"{name} -> v{new}: {reason}; v{old} keeps serving"
     return new, f"{name}: v{old} -> v{new}"
 
 

@@ -478,6 +478,11 @@ async def test_mlflow_unreachable_at_first_start_is_not_ready_until_it_answers(t
                 await wait_log(gateway, "registry unavailable", count=2)  # the start, then at least one poll
                 ready = await http.get("/v2/health/ready")
                 assert ready.status_code == 503 and "Retry-After" in ready.headers
+                # Models are not known yet: 503 with Retry-After (try again), not a 404 (no such model).
+                for response in (await infer(http, "tabular"), await http.get("/v2/models/tabular")):
+                    assert response.status_code == 503, response.text
+                    assert "Retry-After" in response.headers
+                    assert "still loading" in response.json()["error"]
         finally:
             assert gateway.terminate() == 0
 

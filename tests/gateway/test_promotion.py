@@ -55,4 +55,4 @@ def test_an_alias_whose_version_is_gone_is_unset_not_kept(runners: dict[str, Onn
 def test_an_alias_waiting_for_its_new_version_keeps_the_old_one(runners: dict[str, OnnxRunner]) -> None:
     promotion = promote({1: runners["a"]}, {"champion": 2}, {"champion": 1}, 1)
     assert promotion.aliases == {"champion": 1}
-    assert promotion.refused == ["champion -> v2: that version is not loaded"]
+    assert promotion.refused == ["champion -> v2: that version is not loaded; v1 keeps serving"]

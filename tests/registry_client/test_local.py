@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.errors import ModelNotFound
+from gateway.errors import ModelNotFound, NotReady
 from gateway.metrics import GatewayMetrics
 from gateway.runtime.batcher import BatchLimits
 from gateway.runtime.manager import ModelManager
@@ -98,8 +98,17 @@ async def test_aliases_read_from_aliases_json(tmp_path: Path) -> None:
 
 async def test_aliases_accept_digit_strings_and_drop_invalid_values(tmp_path: Path) -> None:
     version_dir(tmp_path, "m", "1")
-    aliases = {"a": "2", "b": 3, "neg": -1, "zero": 0, "word": "two", "float": 1.5, "flag": True, "sup": "²",
-               "none": None}
+    aliases = {
+        "a": "2",
+        "b": 3,
+        "neg": -1,
+        "zero": 0,
+        "word": "two",
+        "float": 1.5,
+        "flag": True,
+        "sup": "²",
+        "none": None,
+    }
     (tmp_path / "m" / "aliases.json").write_text(json.dumps(aliases))
     index = await DirectoryRegistry(tmp_path).index("m")
     assert index.aliases == {"a": 2, "b": 3}
@@ -231,6 +240,48 @@ async def test_resolve_default_is_champion_else_latest(manager: ModelManager) ->
     assert manager.resolve("plain", "latest").version == 4
 
 
+async def test_champion_on_a_version_that_did_not_load_is_never_replaced_by_another(tmp_path: Path) -> None:
+    """Started with `champion` on a corrupt version, the default route names the problem instead of sending the
+    champion's traffic to `latest` (here the challenger); once the alias is fixed, the champion serves."""
+    om.write_version(tmp_path, "m", 1, om.identity("FP32"))
+    om.write_version(tmp_path, "m", 2, b"not onnx", with_sha256=False)
+    om.write_version(tmp_path, "m", 3, om.identity("FP32"))
+    om.write_aliases(tmp_path, "m", {"champion": 2, "challenger": 3})
+    executor = ThreadPoolExecutor(1)
+    metrics = GatewayMetrics(CollectorRegistry())
+    manager = ModelManager(DirectoryRegistry(tmp_path), executor, metrics, SessionOptions(), lambda _: BatchLimits())
+    try:
+        with pytest.raises(NotReady, match="models are still loading"):  # before the first sync: 503, not 404
+            manager.resolve("m")
+        await manager.sync()
+        with pytest.raises(ModelNotFound, match=r"champion alias points at v2, which is not loaded \(refused: v2"):
+            manager.resolve("m")
+        assert manager.resolve("m", "challenger").version == 3
+        om.write_aliases(tmp_path, "m", {"champion": 1, "challenger": 3})
+        await manager.sync()
+        assert manager.resolve("m").version == 1
+    finally:
+        await manager.aclose()
+        executor.shutdown()
+
+
+async def test_nothing_loaded_is_serving_nothing(tmp_path: Path) -> None:
+    """A registry whose every version is refused leaves the gateway with nothing to serve (not ready)."""
+    om.write_version(tmp_path, "m", 1, b"not onnx", with_sha256=False)
+    executor = ThreadPoolExecutor(1)
+    metrics = GatewayMetrics(CollectorRegistry())
+    manager = ModelManager(DirectoryRegistry(tmp_path), executor, metrics, SessionOptions(), lambda _: BatchLimits())
+    try:
+        await manager.sync()
+        assert manager.ready and not manager.serves_something()
+        om.write_version(tmp_path, "m", 2, om.identity("FP32"))
+        await manager.sync()
+        assert manager.serves_something()
+    finally:
+        await manager.aclose()
+        executor.shutdown()
+
+
 async def test_resolve_parsed_reference_from_a_url(manager: ModelManager) -> None:
     assert manager.resolve("m", parse_version_ref("2")).version == 2
     assert manager.resolve("m", parse_version_ref("challenger")).version == 2
@@ -242,7 +293,7 @@ async def test_resolve_parsed_reference_from_a_url(manager: ModelManager) -> Non
         ("m", 3, r"no loaded version 3 \(loaded: \[1, 2\]; refused: v3 \(invalid_model\)\)"),
         ("m", 9, r"no loaded version 9"),
         # An alias naming a version that is not loaded is either not published or names what is missing.
-        ("m", "ghost", r"no alias 'ghost'|no loaded version 7"),
+        ("m", "ghost", r"its ghost alias points at v7, which is not loaded \(refused: v3 \(invalid_model\)\)"),
         ("m", "staging", r"no alias 'staging' \(aliases: challenger, champion\b.*; or a version number\)"),
         ("plain", "champion", r"no alias 'champion' \(aliases: none"),
         ("nope", "latest", r"unknown model 'nope'; serving: m, plain"),
