@@ -86,7 +86,9 @@ class MlflowRegistry:
 
     async def list_models(self) -> list[str]:
         models = await self._paged(f"{API}/registered-models/search", "registered_models", {})
-        return sorted(str(m["name"]) for m in models)
+        names = sorted(str(m["name"]) for m in models)
+        await asyncio.to_thread(self._forget_all_but, set(names))
+        return names
 
     async def index(self, model: str) -> ModelIndex:
         registered = (await self._get(f"{API}/registered-models/get", {"name": model}))["registered_model"]
@@ -120,10 +122,12 @@ class MlflowRegistry:
         version_info = (await self._get(f"{API}/model-versions/get", {"name": model, "version": str(version)}))[
             "model_version"
         ]
-        location = (
-            await self._get(f"{API}/model-versions/get-download-uri", {"name": model, "version": str(version)})
-        )["artifact_uri"]
-        listing = await self._list_artifacts(_proxy_path(str(location)))
+        location = str(
+            (await self._get(f"{API}/model-versions/get-download-uri", {"name": model, "version": str(version)}))[
+                "artifact_uri"
+            ]
+        )
+        listing = await self._list_artifacts(_proxy_path(await self._resolve_run_uri(location)))
         staging = Path(await asyncio.to_thread(self._staging_dir, model))
         try:
             for name, (path, size) in listing.items():
@@ -134,6 +138,19 @@ class MlflowRegistry:
         finally:
             await asyncio.to_thread(shutil.rmtree, staging, True)
         return await asyncio.to_thread(self._verified, model, version, target)
+
+    async def _resolve_run_uri(self, location: str) -> str:
+        """`runs:/<run id>/<path>` (the source MLflow's docs register with `create_model_version`, which the server
+        hands back as is) -> that run's artifact location joined with the path; other URIs unchanged."""
+        parts = urlsplit(location)
+        if parts.scheme != "runs":
+            return location
+        run_id, _, path = parts.path.strip("/").partition("/")
+        if not run_id:
+            raise ArtifactRejected(f"{location!r} names no run", reason="unsupported_artifact_location")
+        run = (await self._get(f"{API}/runs/get", {"run_id": run_id}))["run"]
+        root = str(run["info"]["artifact_uri"]).rstrip("/")
+        return f"{root}/{path}" if path else root
 
     # -- HTTP -----------------------------------------------------------------------------------------
 
@@ -252,6 +269,14 @@ class MlflowRegistry:
         with contextlib.suppress(FileNotFoundError):
             os.replace(directory, aside / directory.name)
         shutil.rmtree(aside, ignore_errors=True)
+
+    def _forget_all_but(self, models: set[str]) -> None:
+        """Drop the cached copies of models the registry no longer has, so that a gateway cold-started during a
+        later outage does not serve a deleted model from its cache."""
+        for path in self._cache.glob(f"*/{_INDEX}"):
+            if path.parent.name not in models:
+                logger.info("%s: deleted from the registry; removing its cached copy", path.parent.name)
+                self._discard(path.parent)
 
     def _remember_index(self, index: ModelIndex) -> None:
         directory = self._cache / index.model

@@ -298,7 +298,12 @@ async def test_fetch_downloads_the_version_files_into_the_cache(mlflow_server: M
         assert (artifact.model, artifact.version) == (name, v1)
         assert artifact.directory == cache / name / str(v1)
         assert cached_files(artifact.directory) == {
-            "model.onnx", "meta.json", "reference.npz", ".complete", ".revision"}
+            "model.onnx",
+            "meta.json",
+            "reference.npz",
+            ".complete",
+            ".revision",
+        }
         assert artifact.model_path.read_bytes() == model
         assert artifact.meta == meta
         assert artifact.reference_path is not None and artifact.reference_path.read_bytes() == reference
@@ -313,6 +318,46 @@ async def test_fetch_downloads_the_version_files_into_the_cache(mlflow_server: M
         assert logged_artifact.meta == {}
         assert logged_artifact.reference_path is None
     assert leftovers(cache, name) == []
+
+
+async def test_a_version_registered_from_a_runs_uri_is_fetched(mlflow_server: MlflowServer, cache: Path) -> None:
+    """`create_model_version(name, "runs:/<run id>/model")`, as MLflow's docs register a model: the server's
+    download URI is that `runs:/` URI itself, resolved here through the run's artifact location."""
+    name = unique_name("fromrun")
+    payload = onnx_bytes(om.identity("FP32", width=4))
+    client = client_for(mlflow_server)
+    client.create_registered_model(name)
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run() as run:
+        (Path(tmp) / "model.onnx").write_bytes(payload)
+        mlflow.log_artifact(str(Path(tmp) / "model.onnx"), artifact_path="model")
+    source = f"runs:/{run.info.run_id}/model"
+    version = int(client.create_model_version(name, source=source, run_id=run.info.run_id).version)
+    async with httpx.AsyncClient(base_url=mlflow_server.url) as http:
+        download = await http.get(
+            "/api/2.0/mlflow/model-versions/get-download-uri", params={"name": name, "version": str(version)}
+        )
+    assert download.json()["artifact_uri"] == source  # what makes this case different
+    async with opened(mlflow_server.url, cache) as registry:
+        assert (await registry.fetch(name, version)).model_path.read_bytes() == payload
+
+
+async def test_a_deleted_model_leaves_the_cache(mlflow_server: MlflowServer, cache: Path) -> None:
+    """Once the registry no longer lists a model, its cached copy goes: a gateway cold-started during a later outage
+    must not serve it again from the cache."""
+    name, kept = unique_name("deleted"), unique_name("kept")
+    for model in (name, kept):
+        register_onnx(mlflow_server, model, onnx_bytes(om.identity("FP32")))
+    async with opened(mlflow_server.url, cache) as registry:
+        for model in (name, kept):
+            await registry.index(model)
+            await registry.fetch(model, 1)
+        assert {name, kept} <= {index.model for index in await registry.snapshot()}
+        client_for(mlflow_server).delete_registered_model(name)
+        listed = await registry.list_models()
+        assert name not in listed and kept in listed
+        cached = {index.model for index in await registry.snapshot()}
+        assert name not in cached and kept in cached
+        assert not (cache / name).exists()
 
 
 async def test_fetch_reuses_the_cache(mlflow_server: MlflowServer, cache: Path, hop_to: MakeHop) -> None:
