@@ -92,9 +92,7 @@ def split_body(body: bytes, header_length: int | None) -> tuple[bytes, memoryvie
     if header_length is None:
         return body, memoryview(b"")
     if header_length < 0 or header_length > len(body):
-        raise InvalidInput(
-            f"Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes"
-        )
+        raise InvalidInput(f"Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes")
     view = memoryview(body)
     return bytes(view[:header_length]), view[header_length:]
 
@@ -272,8 +270,11 @@ def _float_range(smallest_overflow: float) -> tuple[float, float]:
 # Values each datatype can hold. The float bounds are the largest doubles that do not round to infinity:
 # 2**128 - 2**103 is half an ulp above FP32's maximum (a tie rounds to even, which is infinity), 65520 FP16's.
 _RANGES: dict[str, tuple[float, float]] = {
-    **{name: (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
-       for name, dtype in DATATYPE_TO_NUMPY.items() if dtype.kind in _INTEGER_KINDS},
+    **{
+        name: (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
+        for name, dtype in DATATYPE_TO_NUMPY.items()
+        if dtype.kind in _INTEGER_KINDS
+    },
     "FP16": _float_range(65520.0),
     "FP32": _float_range(2.0**128 - 2.0**103),
 }
@@ -345,9 +346,11 @@ def _rows(arrays: dict[str, np.ndarray]) -> int:
 def _requested_outputs(
     header: dict[str, Any], parameters: dict[str, Any], outputs: Sequence[TensorSpec]
 ) -> list[RequestedOutput]:
-    default_binary = parameters.get("binary_data_output") is True
+    default_binary = _flag(parameters, "binary_data_output", False, "parameters")
     requested = header.get("outputs")
-    if requested is None:
+    if not requested:  # absent or [] (as Triton and KServe read it): every output
+        if requested is not None and not isinstance(requested, list):
+            raise InvalidInput("'outputs' must be a list of {name, parameters} objects")
         return [RequestedOutput(spec.name, default_binary) for spec in outputs]
     if not isinstance(requested, list):
         raise InvalidInput("'outputs' must be a list of {name, parameters} objects")
@@ -359,9 +362,20 @@ def _requested_outputs(
         name = entry["name"]
         if name not in known:
             raise InvalidInput(f"unknown output {name!r}; the model has outputs {', '.join(sorted(known))}")
-        binary = _parameters(entry, f"output {name!r}").get("binary_data", default_binary)
-        chosen.append(RequestedOutput(name, binary is True))
+        if any(earlier.name == name for earlier in chosen):
+            raise InvalidInput(f"output {name!r} is requested more than once")
+        where = f"output {name!r} parameters"
+        chosen.append(
+            RequestedOutput(name, _flag(_parameters(entry, f"output {name!r}"), "binary_data", default_binary, where))
+        )
     return chosen
+
+
+def _flag(parameters: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    value = parameters.get(key, default)
+    if type(value) is not bool:
+        raise InvalidInput(f"{where}.{key} must be true or false, got {value!r}")
+    return value
 
 
 def _timeout(parameters: dict[str, Any]) -> float | None:
@@ -417,7 +431,8 @@ def numpy_datatype(array: np.ndarray) -> str:
 # numpy dtypes hash and compare by value, so outputs in either byte order find their datatype in one lookup.
 _NUMPY_TO_DATATYPE: dict[np.dtype[Any], str] = {
     dtype.newbyteorder(order): name
-    for name, dtype in DATATYPE_TO_NUMPY.items() if name != "BYTES"
+    for name, dtype in DATATYPE_TO_NUMPY.items()
+    if name != "BYTES"
     for order in ("<", ">")
 }
 

@@ -349,8 +349,10 @@ def test_floats_that_overflow_the_datatype_are_rejected(datatype: str, value: fl
 
 
 # The largest doubles that still round to a finite float, and the smallest that round to infinity.
-FLOAT_EDGES = {"FP16": (float(np.nextafter(65520.0, 0)), 65520.0),
-               "FP32": (float(np.nextafter(2.0**128 - 2.0**103, 0)), 2.0**128 - 2.0**103)}
+FLOAT_EDGES = {
+    "FP16": (float(np.nextafter(65520.0, 0)), 65520.0),
+    "FP32": (float(np.nextafter(2.0**128 - 2.0**103, 0)), 2.0**128 - 2.0**103),
+}
 
 
 @pytest.mark.parametrize("datatype", sorted(FLOAT_EDGES))
@@ -502,6 +504,26 @@ def test_requested_outputs() -> None:
         decode({**base, "outputs": [{"name": "nope"}]}, [spec("FP32")], outputs)
     with pytest.raises(InvalidInput, match="'outputs' must be a list"):
         decode({**base, "outputs": {"name": "y"}}, [spec("FP32")], outputs)
+
+
+def test_empty_outputs_list_means_every_output_as_in_triton() -> None:
+    outputs = [spec("FP32", "y"), spec("INT64", "label")]
+    base = json_body("FP32", [1, 2, 3], 1)
+    assert [o.name for o in decode({**base, "outputs": []}, [spec("FP32")], outputs).outputs] == ["y", "label"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"outputs": [{"name": "y"}, {"name": "y"}]}, "output 'y' is requested more than once"),
+        ({"outputs": [{"name": "y", "parameters": {"binary_data": "yes"}}]}, r"binary_data must be true or false"),
+        ({"parameters": {"binary_data_output": 1}}, r"parameters.binary_data_output must be true or false, got 1"),
+    ],
+)
+def test_requested_outputs_refused(extra: dict[str, object], message: str) -> None:
+    outputs = [spec("FP32", "y"), spec("INT64", "label")]
+    with pytest.raises(InvalidInput, match=message):
+        decode({**json_body("FP32", [1, 2, 3], 1), **extra}, [spec("FP32")], outputs)
 
 
 @pytest.mark.parametrize(
