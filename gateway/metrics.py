@@ -7,9 +7,12 @@ is correct whichever worker answers the scrape.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -57,51 +60,75 @@ class GatewayMetrics:
             registry=registry,
         )
         self.batch_size = Histogram(
-            "gatewatch_batch_size", "Rows per onnxruntime run.", ("model", "version"), buckets=BATCH_BUCKETS,
+            "gatewatch_batch_size",
+            "Rows per onnxruntime run.",
+            ("model", "version"),
+            buckets=BATCH_BUCKETS,
             registry=registry,
         )
         self.queue_depth = Gauge(
-            "gatewatch_queue_depth", "Requests waiting for a batch.", ("model", "version"),
-            multiprocess_mode="livesum", registry=registry,
+            "gatewatch_queue_depth",
+            "Requests waiting for a batch.",
+            ("model", "version"),
+            multiprocess_mode="livesum",
+            registry=registry,
         )
         self.in_flight = Gauge(
-            "gatewatch_requests_in_flight", "Inference requests being handled.", multiprocess_mode="livesum",
+            "gatewatch_requests_in_flight",
+            "Inference requests being handled.",
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.model_loaded = Gauge(
-            "gatewatch_model_loaded", "1 while a model version is loaded and serving.", ("model", "version"),
-            multiprocess_mode="livemax", registry=registry,
+            "gatewatch_model_loaded",
+            "1 while a model version is loaded and serving.",
+            ("model", "version"),
+            multiprocess_mode="livemax",
+            registry=registry,
         )
         self.model_load_failures = Counter(
-            "gatewatch_model_load_failures", "Model versions refused at load.", ("model", "version", "reason"),
+            "gatewatch_model_load_failures",
+            "Model versions refused at load.",
+            ("model", "version", "reason"),
             registry=registry,
         )
         self.model_reloads = Counter(
-            "gatewatch_model_reloads", "Registry changes applied or refused.", ("model", "outcome"),
+            "gatewatch_model_reloads",
+            "Registry changes applied or refused.",
+            ("model", "outcome"),
             registry=registry,
         )
+        self.model_events = ModelEventCounting(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
         self.shadow_requests = Counter(
             "gatewatch_shadow_requests", "Shadow inferences sampled.", ("endpoint", "variant"), registry=registry
         )
         self.shadow_skipped = Counter(
-            "gatewatch_shadow_skipped", "Shadow inferences skipped because shadows fell behind.",
-            ("endpoint", "variant"), registry=registry,
+            "gatewatch_shadow_skipped",
+            "Shadow inferences skipped because shadows fell behind.",
+            ("endpoint", "variant"),
+            registry=registry,
         )
         self.shadow_disagreements = Counter(
-            "gatewatch_shadow_disagreements", "Shadow answers that disagree with the primary's.",
-            ("endpoint", "variant"), registry=registry,
+            "gatewatch_shadow_disagreements",
+            "Shadow answers that disagree with the primary's.",
+            ("endpoint", "variant"),
+            registry=registry,
         )
         self.log_records = Counter(
             "gatewatch_log_records", "Prediction log records by outcome.", ("outcome",), registry=registry
         )
         self.log_queue_depth = Gauge(
-            "gatewatch_log_queue_depth", "Log records waiting to be written.", multiprocess_mode="livesum",
+            "gatewatch_log_queue_depth",
+            "Log records waiting to be written.",
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.log_spool_bytes = Gauge(
-            "gatewatch_log_spool_bytes", "Bytes in the disk spool (records waiting for Redis).",
-            multiprocess_mode="livesum", registry=registry,
+            "gatewatch_log_spool_bytes",
+            "Bytes in the disk spool (records waiting for Redis).",
+            multiprocess_mode="livesum",
+            registry=registry,
         )
 
     def for_version(self, model: str, version: int) -> VersionMetrics:
@@ -112,6 +139,32 @@ class GatewayMetrics:
             queue=self.queue_depth.labels(*labels),
             read_at_scrape=self.gauges_read_at_scrape,
         )
+
+
+class ModelEventCounting:
+    """Says whether this process counts registry events (versions loaded or refused, aliases moved).
+
+    Every worker process mirrors the registry on its own, so each event happens once per worker; the multiprocess
+    counters would add them up (two workers: one refused version counted twice). One worker counts them: the one
+    holding a lock on a file in the metrics directory. When it exits the lock is free, and the next worker with an
+    event to count takes it over.
+    """
+
+    def __init__(self, metrics_dir: str | None) -> None:
+        self._path = None if metrics_dir is None else Path(metrics_dir) / "model-events.lock"
+        self._held: IO[str] | None = None
+
+    def counts(self) -> bool:
+        if self._path is None or self._held is not None:
+            return True
+        handle = self._path.open("a")  # a local file, once per event until held: not worth a thread
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return False
+        self._held = handle
+        return True
 
 
 @dataclass(frozen=True)

@@ -249,12 +249,12 @@ class ModelManager:
     def _report(self, model: str, promotion: Promotion, already_reported: frozenset[str]) -> None:
         for note in promotion.moved:
             logger.info("%s: %s", model, note)
-            self._metrics.model_reloads.labels(model, "moved").inc()
+            self._count_reload(model, "moved")
         for note in promotion.refused:
             if note in already_reported:
                 continue  # the registry still asks for the same refused move: said once already
             logger.error("%s: refused %s", model, note)
-            self._metrics.model_reloads.labels(model, "refused").inc()
+            self._count_reload(model, "refused")
 
     async def _load(
         self, model: str, version: int, serving: LoadedVersion | None = None
@@ -283,7 +283,7 @@ class ModelManager:
         label = f"{model} v{version}"
         batcher = AdaptiveBatcher(runner, self._limits_for(model), self._metrics.for_version(model, version), label)
         self._metrics.model_loaded.labels(model, str(version)).set(1)
-        self._metrics.model_reloads.labels(model, "loaded").inc()
+        self._count_reload(model, "loaded")
         logger.info("loaded %s (%s, batching %s)", label, artifact.directory, "on" if runner.batched else "off")
         return LoadedVersion(artifact, runner, batcher), ""
 
@@ -291,9 +291,14 @@ class ModelManager:
         serving = model in self._models and version in self._models[model].versions
         still = "; its earlier files serve on" if serving else ""
         logger.error("refused %s v%s [%s]: %s%s", model, version, reason, detail, still)
-        self._metrics.model_load_failures.labels(model, str(version), reason).inc()
-        self._metrics.model_reloads.labels(model, "failed").inc()
+        if self._metrics.model_events.counts():
+            self._metrics.model_load_failures.labels(model, str(version), reason).inc()
+        self._count_reload(model, "failed")
         return reason
+
+    def _count_reload(self, model: str, outcome: str) -> None:
+        if self._metrics.model_events.counts():  # once per gateway, not once per worker process
+            self._metrics.model_reloads.labels(model, outcome).inc()
 
     async def _unload(self, loaded: LoadedVersion) -> None:
         self._metrics.model_loaded.labels(loaded.model, str(loaded.version)).set(0)

