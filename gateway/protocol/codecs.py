@@ -326,7 +326,14 @@ def _unpack_bytes(chunk: memoryview, count: int, name: str) -> list[str]:
         position += 4
         if position + length > len(chunk):
             raise InvalidInput(f"input {name!r}: BYTES element runs past the binary data")
-        values.append(bytes(chunk[position : position + length]).decode("utf-8", errors="replace"))
+        try:
+            values.append(bytes(chunk[position : position + length]).decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            # ONNX string tensors hold text: replacing the bytes would run the model on something else than sent.
+            raise InvalidInput(
+                f"input {name!r}: BYTES element {len(values)} is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                "the model's string tensors take UTF-8 text"
+            ) from None
         position += length
     if len(values) != count:
         raise InvalidInput(f"input {name!r} needs {count} BYTES elements, got {len(values)}")

@@ -244,11 +244,15 @@ def test_malformed_bytes_binary_is_rejected(raw: bytes, message: str) -> None:
         decode(body, [spec("BYTES")], header_length=header_length)
 
 
-def test_bytes_binary_invalid_utf8_is_replaced_not_fatal() -> None:
-    raw = struct.pack("<I", 2) + b"\xff\xfe" + struct.pack("<I", 0) + struct.pack("<I", 1) + b"z"
+def test_bytes_binary_invalid_utf8_is_refused_not_replaced() -> None:
+    """Replacing undecodable bytes (U+FFFD) would run the model on, and log, something the client never sent."""
+    raw = struct.pack("<I", 1) + b"a" + struct.pack("<I", 2) + b"\xff\xfe" + struct.pack("<I", 1) + b"z"
     body, header_length = _bytes_request(raw)
-    decoded = decode(body, [spec("BYTES")], header_length=header_length)
-    assert list(decoded.inputs["x"].ravel()) == ["\ufffd\ufffd", "", "z"]
+    with pytest.raises(InvalidInput, match=r"BYTES element 1 is not valid UTF-8 \(invalid start byte at byte 0\)"):
+        decode(body, [spec("BYTES")], header_length=header_length)
+    valid = struct.pack("<I", 2) + "é".encode() + struct.pack("<I", 0) + struct.pack("<I", 1) + b"z"
+    body, header_length = _bytes_request(valid)
+    assert list(decode(body, [spec("BYTES")], header_length=header_length).inputs["x"].ravel()) == ["é", "", "z"]
 
 
 # -- binary framing -------------------------------------------------------------------------------------------
