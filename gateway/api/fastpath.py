@@ -42,7 +42,8 @@ class InferenceFastPath:
         headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
         gone: Callable[[], bool] | None = scope.get(CONNECTION_GONE)
         length = headers.get("content-length")
-        body = lambda: receive_body(scope, receive, length, self._limit)  # noqa: E731
+        encoding = headers.get("content-encoding")
+        body = lambda: receive_body(scope, receive, length, self._limit, encoding)  # noqa: E731
         answer = await exchange(self._dataplane, name, version, headers, body, gone)
         await _send(send, answer)  # to a client that has gone, uvicorn drops it
 

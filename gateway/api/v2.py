@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import secrets
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -16,7 +18,15 @@ from starlette.types import Message, Receive, Scope
 from gateway.api.errors import error_body, error_headers
 from gateway.api.http_protocol import BODY_STALLED
 from gateway.dataplane import DataPlane, InferCall
-from gateway.errors import ClientClosedRequest, GatewayError, InvalidInput, NotReady, PayloadTooLarge, RequestTimeout
+from gateway.errors import (
+    ClientClosedRequest,
+    GatewayError,
+    InvalidInput,
+    NotReady,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 from gateway.protocol import types
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -111,12 +121,25 @@ def _json(payload: dict[str, Any], status: int = 200) -> Response:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    return await receive_body(request.scope, request.receive, request.headers.get("content-length"), limit)
+    headers = request.headers
+    return await receive_body(
+        request.scope, request.receive, headers.get("content-length"), limit, headers.get("content-encoding")
+    )
 
 
-async def receive_body(scope: Scope, receive: Receive, declared: str | None, limit: int) -> bytes:
+async def receive_body(
+    scope: Scope, receive: Receive, declared: str | None, limit: int, encoding: str | None = None
+) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed `limit` (never buffered whole), with
-    408 when it stopped arriving (`BODY_STALLED`) and 499 when the client left before sending it all."""
+    408 when it stopped arriving (`BODY_STALLED`) and 499 when the client left before sending it all; a gzip or
+    deflate body (`Content-Encoding`, as tritonclient's request compression sends) comes back decompressed."""
+    raw = await _receive_raw(scope, receive, declared, limit)
+    if encoding is None or encoding.strip().lower() in ("", "identity"):
+        return raw
+    return await _decompressed(raw, encoding.strip().lower(), limit)
+
+
+async def _receive_raw(scope: Scope, receive: Receive, declared: str | None, limit: int) -> bytes:
     if declared is not None and _is_ascii_integer(declared) and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds max_body_bytes={limit}")
     chunks: list[bytes] = []
@@ -135,6 +158,32 @@ async def receive_body(scope: Scope, receive: Receive, declared: str | None, lim
         stalled = scope.get(BODY_STALLED)
         if stalled is not None:
             raise RequestTimeout(f"the request body stopped arriving: nothing for {stalled:g} s after {size} bytes")
+
+
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+_INLINE_DECOMPRESSION = 64 * 1024  # compressed bytes: larger bodies are inflated in a thread, off the event loop
+
+
+async def _decompressed(raw: bytes, encoding: str, limit: int) -> bytes:
+    wbits = _WBITS.get(encoding)
+    if wbits is None:
+        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or identity")
+    if len(raw) <= _INLINE_DECOMPRESSION:
+        return _inflate(raw, wbits, encoding, limit)
+    return await asyncio.to_thread(_inflate, raw, wbits, encoding, limit)
+
+
+def _inflate(raw: bytes, wbits: int, encoding: str, limit: int) -> bytes:
+    inflater = zlib.decompressobj(wbits)
+    try:
+        body = inflater.decompress(raw, limit + 1)  # never more than the limit in memory: a small bomb stays small
+    except zlib.error as exc:
+        raise InvalidInput(f"the request body is not valid {encoding} data ({exc})") from None
+    if len(body) > limit:
+        raise PayloadTooLarge(f"request body exceeds max_body_bytes={limit} once decompressed")
+    if not inflater.eof:
+        raise InvalidInput(f"the request body ends before its {encoding} data does")
+    return body
 
 
 def _positive_number(raw: str | None, header: str) -> float | None:
@@ -184,9 +233,7 @@ def build_v2_router(dataplane: DataPlane, max_body_bytes: int) -> APIRouter:
     async def model_metadata(name: str) -> Response:
         return _json(dataplane.model_metadata(name, None))
 
-    @router.get(
-        "/models/{name}/versions/{version}", response_model=types.ModelMetadata, responses={404: _ERRORS[404]}
-    )
+    @router.get("/models/{name}/versions/{version}", response_model=types.ModelMetadata, responses={404: _ERRORS[404]})
     async def model_version_metadata(name: str, version: str) -> Response:
         return _json(dataplane.model_metadata(name, version))
 

@@ -5,6 +5,7 @@ Every answer is checked against onnxruntime run directly on the same `model.onnx
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,6 +164,40 @@ def test_infer_tabular_default_request_returns_binary_outputs(
     assert all("binary_data_size" in output["parameters"] for output in result.get_response()["outputs"])
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_infer_compressed_request_from_tritonclient(
+    triton: httpclient.InferenceServerClient, model_registry: Path, algorithm: str, binary: bool
+) -> None:
+    """tritonclient's `request_compression_algorithm`: a gzip or deflate body with `Content-Encoding`."""
+    x = tabular_rows(4, seed=2)
+    result = triton.infer("tabular", [infer_input("input", x, "FP32", binary)], request_compression_algorithm=algorithm)
+    expected = run_onnx(model_registry, "tabular", 1, {"input": x})
+    assert np.allclose(result.as_numpy("probabilities"), expected["probabilities"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body", "status", "message"),
+    [
+        ("br", b"anything", 415, "Content-Encoding 'br' is not supported; send gzip, deflate or identity"),
+        ("gzip", b"not gzip at all", 400, "the request body is not valid gzip data"),
+        ("gzip", gzip.compress(b'{"inputs": []}')[:-12], 400, "ends before its gzip data does"),
+        ("gzip", gzip.compress(bytes(64 * 1024 * 1024 + 1)), 413, "exceeds max_body_bytes=67108864 once decompressed"),
+    ],
+    ids=["unsupported", "corrupt", "truncated", "bomb"],
+)
+def test_infer_compressed_request_refused(
+    http: httpx.Client, encoding: str, body: bytes, status: int, message: str
+) -> None:
+    response = http.post(
+        "/v2/models/tabular/infer",
+        content=body,
+        headers={"content-type": "application/json", "content-encoding": encoding},
+    )
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_infer_summer_int64_matches_onnxruntime(
     triton: httpclient.InferenceServerClient, model_registry: Path, binary: bool
@@ -223,9 +258,7 @@ def test_infer_identity_fp64_json_keeps_full_precision(http: httpx.Client) -> No
 # -- requested outputs --------------------------------------------------------------------------------------
 
 
-def test_infer_outputs_field_selects_one_output(
-    triton: httpclient.InferenceServerClient, model_registry: Path
-) -> None:
+def test_infer_outputs_field_selects_one_output(triton: httpclient.InferenceServerClient, model_registry: Path) -> None:
     x = tabular_rows(4, seed=2)
     result = triton.infer(
         "tabular",
@@ -304,9 +337,7 @@ def test_infer_raw_binary_request_is_accepted(http: httpx.Client) -> None:
 # -- versions and aliases -----------------------------------------------------------------------------------
 
 
-def test_infer_version_path_pins_that_version(
-    triton: httpclient.InferenceServerClient, model_registry: Path
-) -> None:
+def test_infer_version_path_pins_that_version(triton: httpclient.InferenceServerClient, model_registry: Path) -> None:
     x = tabular_rows(6, seed=4)
     v1 = run_onnx(model_registry, "tabular", 1, {"input": x})["probabilities"]
     v2 = run_onnx(model_registry, "tabular", 2, {"input": x})["probabilities"]
