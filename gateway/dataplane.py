@@ -37,6 +37,7 @@ SERVER_VERSION = "0.1.0"
 EXTENSIONS = ("binary_tensor_data",)
 PLATFORM = "onnxruntime_onnx"
 DEFAULT_VARIANT = "default"
+REQUEST_ID_HEADER = "x-request-id"
 _UNKNOWN = "_unknown"  # label for requests that named nothing we serve: keeps label cardinality bounded
 _GONE_WHILE_RUNNING = "the client closed the connection while its request ran; the answer went nowhere"
 
@@ -249,11 +250,16 @@ class DataPlane:
             self._shadows.mirror(route.route.shadow, primary)
 
     async def _infer_on(self, call: InferCall, attempt: _Attempt) -> InferAnswer:
-        attempt.target = target = self._route(call)
+        if self._sticky_on_body_id(call):  # the variant depends on the body's `id`: read it before routing
+            raw_json, binary = split_body(call.body, call.header_length)
+            header = parse_header(raw_json)
+            attempt.target = target = self._route(call, header.get("id"))
+        else:
+            attempt.target = target = self._route(call)
+            raw_json, binary = split_body(call.body, call.header_length)
+            header = parse_header(raw_json)
         loaded = target.loaded
         runner = loaded.runner
-        raw_json, binary = split_body(call.body, call.header_length)
-        header = parse_header(raw_json)
         try:
             attempt.decoded = decoded = decode_request(
                 header, binary, raw_json, runner.inputs, runner.outputs, runner.batched
@@ -294,10 +300,19 @@ class DataPlane:
             if route is not None and route.route.strategy == "bandit":
                 self._relay.publish(name, request_id, payload.get("label"), value)  # another process answered it
 
-    def _route(self, call: InferCall) -> _Target:
+    def _sticky_on_body_id(self, call: InferCall) -> bool:
+        """Whether the request goes to an endpoint sticky on the request id without an `x-request-id` header: then
+        the body's `id` (what tritonclient's `request_id=` sets) is the key, not an id generated for this request."""
+        if call.version is not None or REQUEST_ID_HEADER in call.headers:
+            return False
+        route = self._router.get(call.name)
+        return route is not None and route.route.sticky == "id"
+
+    def _route(self, call: InferCall, body_id: object = None) -> _Target:
         """An endpoint's route picks a variant; a model name (or a pinned version) bypasses any split."""
         if call.version is None and (route := self._router.get(call.name)) is not None:
-            _, variant = route.pick(call.request_id, call.headers)
+            sticky_id = body_id if isinstance(body_id, str) and body_id else call.request_id
+            _, variant = route.pick(sticky_id, call.headers)
             return _Target(self._manager.resolve(variant.model, variant.version), variant.name, route)
         ref = None if call.version is None else parse_version_ref(call.version)
         return _Target(self._manager.resolve(call.name, ref), DEFAULT_VARIANT)

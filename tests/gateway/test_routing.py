@@ -380,6 +380,25 @@ async def test_sticky_by_request_id(shared: GatewayProcess) -> None:
     assert {n for names in per_id.values() for n in names} == {"a", "b"}
 
 
+async def test_sticky_by_request_id_uses_the_body_id_without_the_header(shared: GatewayProcess) -> None:
+    """tritonclient's `request_id=` sets the body's `id`, not `x-request-id`: that id is the key then, so one id
+    keeps one variant (the generated `x-request-id` of each request would scatter it)."""
+    row = np.linspace(-1, 1, 32, dtype=np.float32).reshape(1, 32)
+
+    def with_id(index: int) -> bytes:
+        payload = orjson.loads(infer_body(row))
+        payload["id"] = f"body-{index % 40}"
+        return orjson.dumps(payload)
+
+    answers = await drive(shared.url, "byid", 200, body=with_id)
+    per_id: dict[str, set[str | None]] = defaultdict(set)
+    for answer in answers:
+        per_id[f"body-{answer.index % 40}"].add(answer.variant)
+    assert all(len(names) == 1 for names in per_id.values()), per_id
+    assert {n for names in per_id.values() for n in names} == {"a", "b"}
+    assert len({answer.request_id for answer in answers}) == 200  # the x-request-id is still generated per request
+
+
 # -- shadows ------------------------------------------------------------------------------------------------
 
 
