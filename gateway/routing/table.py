@@ -25,11 +25,14 @@ class InvalidRoute(GatewayError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a weight of "1" or a version of `true` is a mistake to report (422), not something to coerce
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 def _version_ref(value: object) -> object:
     """`"2"` means version 2, as in `/versions/2`; other strings are aliases or `latest`."""
+    if isinstance(value, bool):
+        raise ValueError("version must be a version number, an alias or 'latest', not a boolean")
     return int(value) if isinstance(value, str) and value.isascii() and value.isdigit() else value
 
 

@@ -693,6 +693,12 @@ INVALID_PUTS: dict[str, tuple[bytes, str, str]] = {
     "unknown alias": (*json_body({"variants": [variant("x", "staging")]}), "staging"),
     "duplicate variant names": (*json_body({"variants": [variant("x", 1), variant("x", 2)]}), "duplicate"),
     "bad sticky syntax": (*json_body({"variants": [variant("x", 1)], "sticky": "cookie:sid"}), "sticky"),
+    "weight as a string": (*json_body({"variants": [{"name": "x", "model": "tabular", "weight": "1"}]}), "weight"),
+    "version as a boolean": (*json_body({"variants": [{"name": "x", "model": "tabular", "version": True}]}), "boolean"),
+    "sample as a string": (
+        *json_body({"variants": [variant("x", 1)], "shadow": [{"name": "s", "model": "tabular", "sample": "1"}]}),
+        "sample",
+    ),
     "shadow with other input names": (
         *json_body({"variants": [variant("x", 1)], "shadow": [{"name": "s", "model": "id_fp32", "version": 1}]}),
         "inputs",
