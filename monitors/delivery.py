@@ -57,13 +57,19 @@ class AlertDelivery:
         self._in_flight: dict[bytes, asyncio.Task[None]] = {}
         self._next_claim = 0.0
 
-    async def prepare(self) -> None:
+    async def prepare(self, start: str = "$") -> None:
         """Create the group at the stream's end: events stored from now on are delivered (before any is stored)."""
         try:
-            await self._redis.xgroup_create(ALERTS_STREAM, DELIVERY_GROUP, id="$", mkstream=True)
+            await self._redis.xgroup_create(ALERTS_STREAM, DELIVERY_GROUP, id=start, mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+    async def _recreate_group(self) -> None:
+        """The stream or its group vanished (Redis restarted empty, a DEL): events stored since are in the stream
+        the alert writer re-created, so the group starts at its beginning; receivers de-duplicate on event ids."""
+        logger.warning("the alerts stream or its delivery group is gone (Redis restarted empty?); creating it again")
+        await self.prepare(start="0")
 
     def targets(self, event_type: str) -> list[str]:
         urls = list(self._urls)
@@ -83,8 +89,14 @@ class AlertDelivery:
                     events = await self._next_events(room)
                 except (RedisConnectionError, RedisTimeoutError) as exc:
                     logger.warning("alerts stream unreachable (%s); retrying", exc)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), _RETRY_SECONDS)
+                    await self._pause(stop)
+                    continue
+                except ResponseError as exc:
+                    if "NOGROUP" in str(exc):
+                        await self._recreate_group()
+                    else:
+                        logger.error("reading the alerts stream failed (%s); retrying", exc)
+                        await self._pause(stop)
                     continue
                 for entry_id, fields in events:
                     if entry_id not in self._in_flight:
@@ -93,6 +105,11 @@ class AlertDelivery:
                         task.add_done_callback(functools.partial(self._done, entry_id))
         finally:
             await self._finish(grace_seconds)
+
+    @staticmethod
+    async def _pause(stop: asyncio.Event) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), _RETRY_SECONDS)
 
     async def _next_events(self, room: int) -> list[tuple[bytes, Any]]:
         entries: list[tuple[bytes, Any]] = []

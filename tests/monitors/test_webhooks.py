@@ -171,3 +171,23 @@ async def test_client_errors_are_not_retried(aredis: aioredis.Redis, receiver: W
     assert len(receiver.requests) == 1
     [(_, fields)] = await aredis.xrange(DEADLETTER_STREAM)
     assert fields[b"attempts"] == b"1" and fields[b"last_error"] == b"HTTP 410"
+
+
+async def test_delivery_goes_on_after_the_alerts_stream_is_deleted(
+    aredis: aioredis.Redis, receiver: WebhookReceiver
+) -> None:
+    """A Redis restarted empty (or a DEL) takes the stream and its delivery group away; the monitor's next alert
+    re-creates the stream, and it must still reach the receivers instead of delivery stopping for good."""
+    _, stop, task, registry, client = await start_delivery(aredis, [receiver.url], RetryPolicy())
+    await aredis.xadd(ALERTS_STREAM, {"event": event()})
+    await wait_for(lambda: len(receiver.delivered()) == 1, 10, "the first alert delivered")
+    await aredis.delete(ALERTS_STREAM)
+    after = event("drift.resolved")
+    await aredis.xadd(ALERTS_STREAM, {"event": after})
+    await wait_for(lambda: len(receiver.delivered()) == 2, 10, "the alert stored after the deletion delivered")
+    assert receiver.delivered()[-1].body == after
+    await wait_for(lambda: _pending(aredis), 5, "the alert acknowledged")
+    stop.set()
+    await task  # ends cleanly: no NOGROUP error escapes
+    await client.aclose()
+    assert counts(registry)["delivered"] == 2
