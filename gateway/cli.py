@@ -132,9 +132,9 @@ def demo(
     rate: Annotated[float, typer.Option(help="Requests per second.")] = 100.0,
     port: Annotated[int, typer.Option(help="Gateway port (0: a free one).")] = 8000,
     metrics_port: Annotated[int, typer.Option(help="Monitor /metrics port (0: a free one).")] = 9400,
-    data_dir: Annotated[Path, typer.Option(help="Models cache and embedded Redis live under <data_dir>/demo.")] = Path(
-        ".gatewatch"
-    ),
+    data_dir: Annotated[
+        Path, typer.Option(help="Example models and run logs go under <data_dir>/demo; the embedded Redis is here.")
+    ] = Path(".gatewatch"),
 ) -> None:
     """Everything on one machine: gateway + monitor on an embedded Redis, traffic that drifts, signed webhooks."""
     import asyncio

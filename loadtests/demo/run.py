@@ -19,8 +19,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -58,6 +60,34 @@ class Processes:
     started: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     redis_pid: int | None = None
     redis_shared: bool = False  # other processes still used the embedded Redis when the demo left it
+
+
+class Interruption:
+    """SIGINT/SIGTERM (Ctrl-C, `timeout`, `docker stop`) end the traffic early; the demo then stops what it started
+    and prints its summary as usual. A second signal gets the default behaviour, for a demo stuck stopping."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.signal: signal.Signals | None = None
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._received, signum)
+
+    def uninstall(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+    def _received(self, signum: signal.Signals) -> None:
+        self.signal = signal.Signals(signum)
+        self.event.set()
+        asyncio.get_running_loop().remove_signal_handler(signum)
+
+    @property
+    def exit_code(self) -> int | None:
+        return None if self.signal is None else 128 + int(self.signal)
 
 
 def free_port() -> int:
@@ -128,6 +158,9 @@ async def run_demo(options: DemoOptions, console: Console) -> int:
     secret = secrets.token_hex(16)
     receiver = WebhookReceiver(secret)
     processes = Processes()
+    traffic = TrafficStats()
+    interruption = Interruption()
+    interruption.install()
     redis = await open_redis(None, data_dir)  # held by the demo too, so the gateway and the monitor attach to it
     try:
         await reset_demo_state(redis)
@@ -135,16 +168,36 @@ async def run_demo(options: DemoOptions, console: Console) -> int:
         async with receiver.serving(free_port()) as receiver_url:
             config = write_config(run_dir, data_dir, models, receiver_url, secret)
             try:
-                gateway_url, monitor_url = await _start(processes, config, run_dir, options, console)
-                traffic = TrafficStats()
-                await _drive(options, gateway_url, monitor_url, traffic, receiver, console)
+                gateway_url, monitor_url = await _until(
+                    interruption, _start(processes, config, run_dir, options, console)
+                )
+                if gateway_url:
+                    await _drive(options, gateway_url, monitor_url, traffic, receiver, console, interruption.event)
             finally:
                 await asyncio.to_thread(_stop_all, processes)
     finally:
         processes.redis_shared = await redis.aclose()  # stops the embedded server unless others still use it
         if processes.redis_pid is not None and not processes.redis_shared:
             await asyncio.to_thread(_wait_gone, processes.redis_pid)
-    return _summary(console, traffic, receiver, processes, run_dir, data_dir)
+        interruption.uninstall()
+    if interruption.signal is not None:
+        console.print(f"stopped early by {interruption.signal.name}")
+    code = _summary(console, traffic, receiver, processes, run_dir, data_dir)
+    return interruption.exit_code or code
+
+
+async def _until(interruption: Interruption, starting: Coroutine[Any, Any, tuple[str, str]]) -> tuple[str, str]:
+    """The gateway's and the monitor's URLs, or empty ones when a signal came first (start-up abandoned)."""
+    task = asyncio.ensure_future(starting)
+    stopped = asyncio.ensure_future(interruption.event.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return "", ""
 
 
 async def _start(
@@ -199,6 +252,7 @@ async def _drive(
     traffic: TrafficStats,
     receiver: WebhookReceiver,
     console: Console,
+    stop: asyncio.Event,
 ) -> None:
     started = time.monotonic()
     drift_at = started + options.duration * options.drift_after
@@ -217,7 +271,7 @@ async def _drive(
         return f"{state} — {now - started:.0f}s of {options.duration:.0f}s, {options.rate:.0f} requests/s"
 
     async with httpx.AsyncClient(base_url=gateway_url, timeout=10) as client:
-        sender = asyncio.create_task(_send_traffic(client, options.rate, drift_at, end, traffic))
+        sender = asyncio.create_task(_send_traffic(client, options.rate, drift_at, end, traffic, stop))
         seen = 0
         with Live(console=console, refresh_per_second=2, transient=not console.is_terminal) as live:
             while not sender.done():
@@ -236,20 +290,20 @@ def _delivery_line(delivery: object) -> str:
     drifted = sorted({f["name"] for f in event.get("features", []) if f.get("drifted")})
     ok = "valid" if getattr(delivery, "signature_ok", False) else "INVALID"
     return (
-        f"webhook received: {event.get('type')} for {event.get('endpoint')} {event.get('model')} "
+        f"webhook received: {event.get('type')} for {event.get('endpoint')}: {event.get('model')} "
         f"v{event.get('version')} at {getattr(delivery, 'path', '')} (signature {ok}); "
         f"drifted: {', '.join(drifted) or '-'}"
     )
 
 
 async def _send_traffic(
-    client: httpx.AsyncClient, rate: float, drift_at: float, end: float, traffic: TrafficStats
+    client: httpx.AsyncClient, rate: float, drift_at: float, end: float, traffic: TrafficStats, stop: asyncio.Event
 ) -> None:
     rng = np.random.default_rng(2024)
     gate = asyncio.Semaphore(32)
     tasks: set[asyncio.Task[None]] = set()
     next_send = time.monotonic()
-    while next_send < end:
+    while next_send < end and not stop.is_set():
         population = Population(drift=1.0 if next_send >= drift_at else 0.0)
         features, labels = population.sample(rng, int(rng.integers(1, 6)))
         await gate.acquire()

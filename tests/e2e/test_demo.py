@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -44,7 +46,7 @@ def test_demo_exits_zero_after_drift_alerts(demo_run: tuple[subprocess.Completed
     retrain = int(re.search(r"webhook retrain\.requested: (\d+)", output).group(1))  # type: ignore[union-attr]
     assert detected >= 1 and retrain >= 1
     assert "webhook signatures invalid: 0" in output
-    assert re.search(r"webhook received: drift\.detected for credit credit v1 .*drifted: .*income", output)
+    assert re.search(r"webhook received: drift\.detected for credit: credit v1 .*drifted: .*income", output)
 
 
 def test_demo_splits_traffic_80_20(demo_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
@@ -109,3 +111,31 @@ async def test_demo_clears_only_what_an_earlier_demo_left(redis_client: redis.Re
         "gatewatch:routes", "gatewatch:routes:deleted"}
     assert redis_client.hkeys("gatewatch:routes") == [b"fraud"]
     assert redis_client.smembers("gatewatch:routes:deleted") == {b"fraud"}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_demo_stopped_by_a_signal_stops_what_it_started(tmp_path: Path, signum: signal.Signals) -> None:
+    """`timeout`, `docker stop` and CI send SIGTERM, a terminal Ctrl-C: the traffic ends early, the gateway, the
+    monitor and the embedded Redis are stopped, the summary is printed, and the exit status says which signal."""
+    log = tmp_path / "demo.out"
+    command = [sys.executable, "-m", "gateway.cli", "demo", "--duration", "120", "--rate", "50",
+               "--port", "0", "--metrics-port", "0", "--data-dir", str(tmp_path / "data")]
+    with log.open("w") as handle:
+        demo = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "gateway pid" not in log.read_text() and demo.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # polling a condition: the demo's processes up
+        assert "gateway pid" in log.read_text(), log.read_text()[-3000:]
+        demo.send_signal(signum)
+        assert demo.wait(timeout=90) == 128 + signum
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    output = log.read_text()
+    assert f"stopped early by {signum.name}" in output
+    assert "still running: none" in output
+    processes_line = output.split("processes:")[1].split("\n")[0]
+    pids = [int(p) for p in re.findall(r"(?:gateway|monitor|redis) (\d+)", processes_line)]
+    assert len(pids) == 3 and not [pid for pid in pids if _alive(pid)]
+    assert "Traceback" not in output and "never retrieved" not in output
