@@ -55,7 +55,11 @@ def run_monitor(settings: Settings, metrics_host: str = "127.0.0.1", metrics_por
     gc.collect()
     gc.freeze()  # modules and settings live for the whole process: no collection needs to walk them again
     gc.set_threshold(*_GC_THRESHOLDS)
-    server, _ = start_http_server(metrics_port, addr=metrics_host, registry=registry)
+    try:
+        server, _ = start_http_server(metrics_port, addr=metrics_host, registry=registry)
+    except OSError as exc:  # a busy port: one line, not a traceback
+        where = f"{metrics_host}:{metrics_port}"
+        raise SystemExit(f"gatewatch monitor: cannot serve /metrics on {where}: {exc.strerror}") from None
     logger.info("monitor metrics on http://%s:%d/metrics", metrics_host, server.server_port)
     try:
         asyncio.run(_serve(settings, metrics))

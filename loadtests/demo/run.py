@@ -62,6 +62,10 @@ class Processes:
     redis_shared: bool = False  # other processes still used the embedded Redis when the demo left it
 
 
+class StartFailed(RuntimeError):
+    """The gateway or the monitor did not come up (a busy port, a bad data_dir): said in one message, no traceback."""
+
+
 class Interruption:
     """SIGINT/SIGTERM (Ctrl-C, `timeout`, `docker stop`) end the traffic early; the demo then stops what it started
     and prints its summary as usual. A second signal gets the default behaviour, for a demo stuck stopping."""
@@ -159,6 +163,7 @@ async def run_demo(options: DemoOptions, console: Console) -> int:
     receiver = WebhookReceiver(secret)
     processes = Processes()
     traffic = TrafficStats()
+    failed = False
     interruption = Interruption()
     interruption.install()
     redis = await open_redis(None, data_dir)  # held by the demo too, so the gateway and the monitor attach to it
@@ -173,6 +178,9 @@ async def run_demo(options: DemoOptions, console: Console) -> int:
                 )
                 if gateway_url:
                     await _drive(options, gateway_url, monitor_url, traffic, receiver, console, interruption.event)
+            except StartFailed as exc:
+                console.print(f"[red]the demo could not start:[/red] {exc}")
+                failed = True
             finally:
                 await asyncio.to_thread(_stop_all, processes)
     finally:
@@ -183,7 +191,7 @@ async def run_demo(options: DemoOptions, console: Console) -> int:
     if interruption.signal is not None:
         console.print(f"stopped early by {interruption.signal.name}")
     code = _summary(console, traffic, receiver, processes, run_dir, data_dir)
-    return interruption.exit_code or code
+    return interruption.exit_code or (1 if failed else code)
 
 
 async def _until(interruption: Interruption, starting: Coroutine[Any, Any, tuple[str, str]]) -> tuple[str, str]:
@@ -237,12 +245,12 @@ async def _wait_for(url: str, process: subprocess.Popen[bytes], log: Path, withi
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 tail = (await asyncio.to_thread(log.read_text))[-3000:]
-                raise RuntimeError(f"{process.args!r} exited with {process.returncode}:\n{tail}")
+                raise StartFailed(f"{process.args!r} exited with {process.returncode}:\n{tail}")
             with contextlib.suppress(httpx.HTTPError):
                 if (await client.get(url)).status_code == 200:
                     return
             await asyncio.sleep(0.1)  # polling a condition: the process answering
-    raise RuntimeError(f"{url} did not answer within {within:.0f}s; see {log}")
+    raise StartFailed(f"{url} did not answer within {within:.0f}s; see {log}")
 
 
 async def _drive(

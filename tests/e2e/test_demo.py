@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -139,3 +140,35 @@ def test_demo_stopped_by_a_signal_stops_what_it_started(tmp_path: Path, signum: 
     pids = [int(p) for p in re.findall(r"(?:gateway|monitor|redis) (\d+)", processes_line)]
     assert len(pids) == 3 and not [pid for pid in pids if _alive(pid)]
     assert "Traceback" not in output and "never retrieved" not in output
+
+
+def _busy_port() -> socket.socket:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    return holder
+
+
+def test_demo_on_a_busy_port_says_so_in_one_message(tmp_path: Path) -> None:
+    with _busy_port() as holder:
+        port = holder.getsockname()[1]
+        command = [sys.executable, "-m", "gateway.cli", "demo", "--duration", "10", "--port", str(port),
+                   "--metrics-port", "0", "--data-dir", str(tmp_path / "data")]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "the demo could not start" in output and "address already in use" in output.lower()
+    assert "Traceback (most recent call last)" not in result.stderr
+    assert "still running: none" in output
+
+
+def test_monitor_on_a_busy_metrics_port_says_so_in_one_line(tmp_path: Path, redis_server: RedisServer) -> None:
+    config = tmp_path / "gatewatch.yaml"
+    config.write_text(f"redis_url: {redis_server.url}\ndata_dir: {tmp_path / 'data'}\nregistry: {tmp_path}\n")
+    with _busy_port() as holder:
+        port = holder.getsockname()[1]
+        command = [sys.executable, "-m", "gateway.cli", "monitor", "--metrics-port", str(port), "--config", str(config)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"cannot serve /metrics on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
