@@ -205,14 +205,17 @@ class DataPlane:
             if attempt.target is not None:
                 self._after(call, attempt, arrived_ms, status, elapsed * 1000, error)
             else:
-                self.reject(call.name, call.request_id, arrived_ms, status, elapsed * 1000, error)
+                rows = _stated_rows(call)
+                self.reject(call.name, call.request_id, arrived_ms, status, elapsed * 1000, error, rows)
 
     def refuse_early(self, name: str, request_id: str, arrived_ms: int, error: GatewayError) -> None:
         """Count and log a request the HTTP layer refused before calling `infer` (body too large, bad headers)."""
         self._record(name, None, str(error.status_code), 0.0)
         self.reject(name, request_id, arrived_ms, error.status_code, 0.0, error.message)
 
-    def reject(self, name: str, request_id: str, arrived_ms: int, status: int, latency_ms: float, error: str) -> None:
+    def reject(
+        self, name: str, request_id: str, arrived_ms: int, status: int, latency_ms: float, error: str, rows: int = 0
+    ) -> None:
         """Log a request refused before it reached a model version (bad headers, body too large, no such
         version) when `name` is served; requests for unknown names are only counted, so that arbitrary names
         cannot create streams."""
@@ -220,11 +223,10 @@ class DataPlane:
         if self._log is None or served is None:
             return
         model = "" if served == "endpoint" else name
-        self._log.log(
-            Exchange(
-                request_id, arrived_ms, name, DEFAULT_VARIANT, ROLE_PRIMARY, model, None, 0, status, latency_ms, error
-            )
+        refused = Exchange(
+            request_id, arrived_ms, name, DEFAULT_VARIANT, ROLE_PRIMARY, model, None, rows, status, latency_ms, error
         )
+        self._log.log(refused)
 
     def _after(
         self, call: InferCall, attempt: _Attempt, arrived_ms: int, status: int, latency_ms: float, error: str
@@ -369,6 +371,15 @@ def _exchange(
         input_types=loaded.runner.input_types,
         outputs=outputs,
     )
+
+
+def _stated_rows(call: InferCall) -> int:
+    """The batch size a request refused before it reached a version states for itself (0 when unreadable)."""
+    try:
+        raw_json, _ = split_body(call.body, call.header_length)
+        return declared_rows(parse_header(raw_json), True)
+    except GatewayError:
+        return 0
 
 
 def _select(

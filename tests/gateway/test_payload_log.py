@@ -197,6 +197,20 @@ async def test_failed_request_is_logged_with_status_and_error(
     assert (broken["id"], broken["status"], broken["rows"]) == ("bad-json-1", "400", "0")  # it stated none
 
 
+async def test_request_for_a_version_not_served_is_logged_with_the_rows_it_stated(
+    logging_gateway: GatewayProcess, redis_client: redis.Redis,
+    http_client: Callable[[GatewayProcess], httpx.AsyncClient],
+) -> None:
+    client = http_client(logging_gateway)
+    before = redis_client.xlen(STREAM)
+    body = tabular_body(np.zeros((2, 32), np.float32))
+    response = await client.post(f"/v2/models/{MODEL}/versions/99/infer", json=body, headers={"x-request-id": "v99"})
+    assert response.status_code == 404
+    await wait_for(lambda: redis_client.xlen(STREAM) > before, 10, "the refused request's record")
+    entry = entries(redis_client)[-1]
+    assert (entry["id"], entry["status"], entry["version"], entry["rows"]) == ("v99", "404", "", "2")
+
+
 async def test_10mb_tensor_is_truncated_in_the_log_and_answered_whole(
     logging_gateway: GatewayProcess, redis_client: redis.Redis,
     http_client: Callable[[GatewayProcess], httpx.AsyncClient],
