@@ -58,9 +58,9 @@ def create_app(settings: Settings, metrics_registry: CollectorRegistry | None = 
         lambda model: _batch_limits(settings, model),
     )
     default_policy = _payload_policy(settings)
-    router = Router(default_policy)
     shadow_metrics = ShadowMetrics(metrics.shadow_requests, metrics.shadow_skipped, metrics.shadow_disagreements)
     shadows = ShadowMirror(manager, shadow_metrics, settings.shadow_max_in_flight)
+    router = Router(default_policy, on_apply=shadows.announce)
     dataplane = DataPlane(manager, metrics, router, shadows)
     signature = _signature_of(manager)
     admin = RouteAdmin(

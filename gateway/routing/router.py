@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,9 +84,12 @@ def compile_route(endpoint: str, route: Route, default_policy: PayloadPolicy) ->
 
 
 class Router:
-    def __init__(self, default_policy: PayloadPolicy) -> None:
+    def __init__(
+        self, default_policy: PayloadPolicy, on_apply: Callable[[str, Route], None] | None = None
+    ) -> None:
         self._routes: dict[str, CompiledRoute] = {}
         self._default_policy = default_policy
+        self._on_apply = on_apply  # told of every route put in place (the shadow metrics' series start at 0)
         self._answers: OrderedDict[str, tuple[str, str, list[Any]]] = OrderedDict()
 
     def get(self, endpoint: str) -> CompiledRoute | None:
@@ -100,6 +103,8 @@ class Router:
         if current is not None and current.route == route:
             return  # unchanged: keep its statistics and bandit state
         self._routes[endpoint] = compile_route(endpoint, route, self._default_policy)
+        if self._on_apply is not None:
+            self._on_apply(endpoint, route)
 
     def remove(self, endpoint: str) -> bool:
         return self._routes.pop(endpoint, None) is not None

@@ -21,7 +21,7 @@ from prometheus_client import Counter
 
 from gateway.errors import GatewayError, Overloaded
 from gateway.records import ROLE_SHADOW, Exchange
-from gateway.routing.table import ShadowVariant
+from gateway.routing.table import Route, ShadowVariant
 from gateway.runtime.manager import ModelManager
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,12 @@ class ShadowMirror:
         # model cannot starve the primaries of the thread pool they share.
         self._lane = asyncio.Semaphore(1)
         self.log: ExchangeSink | None = None
+
+    def announce(self, endpoint: str, route: Route) -> None:
+        """Create the route's shadow series at 0, so that dashboards read "0 skipped" rather than "no data"."""
+        for shadow in route.shadow:
+            for counter in (self._metrics.requests, self._metrics.skipped, self._metrics.disagreements):
+                counter.labels(endpoint, shadow.name)
 
     def mirror(self, shadows: list[ShadowVariant], primary: PrimaryResult) -> None:
         """Schedule each sampled shadow; returns at once."""

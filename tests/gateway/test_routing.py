@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aiohttp
 import httpx
@@ -35,9 +35,16 @@ import pytest
 import redis
 import yaml
 from onnx import TensorProto, helper, numpy_helper
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from scipy.stats import chisquare
 
+from gateway.metrics import GatewayMetrics
+from gateway.records import PayloadPolicy
+from gateway.routing.router import Router
+from gateway.routing.shadow import ShadowMetrics, ShadowMirror
+from gateway.routing.table import Route
+from gateway.runtime.manager import ModelManager
 from loadtests import onnx_models as om
 from tests.conftest import GatewayProcess, RedisServer, start_gateway
 
@@ -908,3 +915,20 @@ def test_cli_routes_set_and_get(shared: GatewayProcess, tmp_path: Path) -> None:
     invalid = cli("set", "clinew", "--file", str(invalid_file), "--url", shared.url)
     assert invalid.returncode == 1 and "422" in invalid.stderr
     assert yaml.safe_load(cli("get", "clinew", "--url", shared.url).stdout)["variants"] == [variant("teal", 2)]
+
+
+def test_a_routes_shadow_series_exist_at_zero_before_any_shadow_runs() -> None:
+    """Dashboards divide skipped or disagreeing shadows by shadow requests: 'no data' until the first one hides
+    that a shadow is configured at all."""
+    metrics = GatewayMetrics(CollectorRegistry())
+    mirror = ShadowMirror(
+        cast(ModelManager, None), ShadowMetrics(metrics.shadow_requests, metrics.shadow_skipped,
+                                                 metrics.shadow_disagreements), max_in_flight=1
+    )
+    router = Router(PayloadPolicy(), on_apply=mirror.announce)
+    route = Route.model_validate({"variants": [variant("a", 1)], "shadow": [{"name": "s", "model": "tabular"}]})
+    router.apply("mirrored", route)
+    for name in ("requests", "skipped", "disagreements"):
+        value = metrics.registry.get_sample_value(f"gatewatch_shadow_{name}_total", {"endpoint": "mirrored",
+                                                                                     "variant": "s"})
+        assert value == 0.0, name
