@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -195,10 +196,11 @@ def routes_get(
 def routes_set(
     endpoint: Annotated[str, typer.Argument(help="The endpoint to create or replace.")],
     route_file: Annotated[
-        Path | None, typer.Argument(exists=True, dir_okay=False, help="Route as YAML or JSON (or use --file).")
+        Path | None,
+        typer.Argument(help="Route as YAML or JSON; - reads standard input.", show_default=False),
     ] = None,
     file: Annotated[
-        Path | None, typer.Option("--file", "-f", exists=True, dir_okay=False, help="Route as YAML or JSON.")
+        Path | None, typer.Option("--file", "-f", help="Route as YAML or JSON; - reads standard input.")
     ] = None,
     url: UrlOption = "http://127.0.0.1:8000",
     token: TokenOption = None,
@@ -209,10 +211,13 @@ def routes_set(
     file = file or route_file
     if file is None:
         raise typer.BadParameter("give the route file: gatewatch routes set ENDPOINT FILE (or --file FILE)")
-    content_type = "application/json" if file.suffix == ".json" else "application/yaml"
+    content_type = "application/json" if file.suffix == ".json" else "application/yaml"  # YAML reads JSON too
+    if str(file) != "-" and not file.is_file():
+        raise typer.BadParameter(f"no such route file: {file}")
+    content = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
     stored = _admin_call(
         "PUT", f"{url.rstrip('/')}/admin/endpoints/{endpoint}", token,
-        content=file.read_bytes(), headers={"content-type": content_type},
+        content=content, headers={"content-type": content_type},
     )
     console.print(f"[green]route for {endpoint!r} applied[/green]")
     typer.echo(yaml.safe_dump(stored, sort_keys=False))

@@ -858,12 +858,13 @@ async def test_a_redis_that_lost_its_data_gets_the_served_routes_back(
 # -- CLI ----------------------------------------------------------------------------------------------------
 
 
-def cli(*args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, token: str | None = TOKEN, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "GATEWATCH_ADMIN_TOKEN"}
     if token is not None:
         env["GATEWATCH_ADMIN_TOKEN"] = token
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "routes", *args], capture_output=True, text=True, env=env, timeout=60
+        [sys.executable, "-m", "gateway.cli", "routes", *args], capture_output=True, text=True, env=env, timeout=60,
+        input=stdin,
     )
 
 
@@ -903,6 +904,10 @@ def test_cli_routes_set_and_get(shared: GatewayProcess, tmp_path: Path) -> None:
     json_file.write_bytes(orjson.dumps({"variants": [variant("teal", 2)]}))
     assert cli("set", "clinew", str(json_file), "--url", shared.url).returncode == 0  # the file as an argument
     assert yaml.safe_load(cli("get", "clinew", "--url", shared.url).stdout)["variants"] == [variant("teal", 2)]
+    piped = cli("set", "clinew", "-", "--url", shared.url, stdin="variants: [{name: navy, model: tabular, version: 1}]")
+    assert piped.returncode == 0, piped.stderr
+    assert yaml.safe_load(piped.stdout)["variants"] == [variant("navy", 1)]
+    assert cli("set", "clinew", str(json_file), "--url", shared.url).returncode == 0
     no_file = cli("set", "clinew", "--url", shared.url)
     assert no_file.returncode == 2 and "route file" in no_file.stderr
 
