@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import secrets
 import time
 import zlib
@@ -193,7 +194,7 @@ def _positive_number(raw: str | None, header: str) -> float | None:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value > 0:
+    if not 0 < value < math.inf:
         raise InvalidInput(f"header {header} must be a positive number, got {raw!r}")
     return value
 

@@ -8,6 +8,7 @@ Binary tensors (Triton's binary tensor data extension) are views over the reques
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -389,7 +390,7 @@ def _timeout(parameters: dict[str, Any]) -> float | None:
     value = parameters.get("timeout_ms")
     if value is None:
         return None
-    if type(value) not in (int, float) or value <= 0:
+    if type(value) not in (int, float) or not 0 < value < math.inf:
         raise InvalidInput("parameters.timeout_ms must be a positive number of milliseconds")
     return float(value)
 

@@ -272,7 +272,7 @@ def test_infer_bad_header_length_header_is_400(http: httpx.Client, value: str) -
     )
 
 
-@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan"])
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "inf", "1e999"])
 def test_infer_bad_timeout_header_is_400(http: httpx.Client, value: str) -> None:
     response = http.post(
         "/v2/models/id_fp32/infer", json={"inputs": [x3()]}, headers={"x-gatewatch-timeout-ms": value}
