@@ -25,8 +25,8 @@ class InvalidRoute(GatewayError):
 
 
 class _Strict(BaseModel):
-    # strict: a weight of "1" or a version of `true` is a mistake to report (422), not something to coerce
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # Not pydantic's strict mode: YAML 1.1 reads `1e-6` (no decimal point) as a string, which must still be a number.
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _version_ref(value: object) -> object:
@@ -36,31 +36,41 @@ def _version_ref(value: object) -> object:
     return int(value) if isinstance(value, str) and value.isascii() and value.isdigit() else value
 
 
+def _not_boolean(value: object) -> object:
+    """A boolean is a mistake to report (422), not the number pydantic would make of it (true -> 1.0)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_not_boolean)]
+
+
 class Variant(_Strict):
     name: str = Field(min_length=1, max_length=64)
     model: str = Field(min_length=1)
     version: Annotated[int | str, BeforeValidator(_version_ref)] = "champion"
-    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    weight: Number = Field(default=1.0, gt=0, allow_inf_nan=False)
 
 
 class ShadowVariant(_Strict):
     name: str = Field(min_length=1, max_length=64)
     model: str = Field(min_length=1)
     version: Annotated[int | str, BeforeValidator(_version_ref)] = "latest"
-    sample: float = Field(default=1.0, ge=0, le=1)
-    tolerance: float = Field(default=1e-6, ge=0)
+    sample: Number = Field(default=1.0, ge=0, le=1)
+    tolerance: Number = Field(default=1e-6, ge=0)
     """Max abs difference still counted as agreement, for regression outputs."""
 
 
 class BanditSettings(_Strict):
     algorithm: Literal["thompson", "epsilon_greedy"] = "thompson"
-    epsilon: float = Field(default=0.1, ge=0, le=1)
-    min_share: float = Field(default=0.05, ge=0, le=1)
+    epsilon: Number = Field(default=0.1, ge=0, le=1)
+    min_share: Number = Field(default=0.05, ge=0, le=1)
     """Exploration floor: each variant gets at least about this share of traffic."""
 
 
 class LogSettings(_Strict):
-    sample: float | None = Field(default=None, ge=0, le=1)
+    sample: Number | None = Field(default=None, ge=0, le=1)
     """Share of this endpoint's requests whose tensors are logged; unset: the gateway's `log_sample_rate`."""
     redact: list[str] = Field(default_factory=list)
     """Inputs never written for this endpoint, besides the gateway's `log_redact`."""

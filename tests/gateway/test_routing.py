@@ -700,11 +700,11 @@ INVALID_PUTS: dict[str, tuple[bytes, str, str]] = {
     "unknown alias": (*json_body({"variants": [variant("x", "staging")]}), "staging"),
     "duplicate variant names": (*json_body({"variants": [variant("x", 1), variant("x", 2)]}), "duplicate"),
     "bad sticky syntax": (*json_body({"variants": [variant("x", 1)], "sticky": "cookie:sid"}), "sticky"),
-    "weight as a string": (*json_body({"variants": [{"name": "x", "model": "tabular", "weight": "1"}]}), "weight"),
+    "weight as a boolean": (*json_body({"variants": [{"name": "x", "model": "tabular", "weight": True}]}), "boolean"),
     "version as a boolean": (*json_body({"variants": [{"name": "x", "model": "tabular", "version": True}]}), "boolean"),
-    "sample as a string": (
-        *json_body({"variants": [variant("x", 1)], "shadow": [{"name": "s", "model": "tabular", "sample": "1"}]}),
-        "sample",
+    "sample as a boolean": (
+        *json_body({"variants": [variant("x", 1)], "shadow": [{"name": "s", "model": "tabular", "sample": True}]}),
+        "boolean",
     ),
     "shadow with other input names": (
         *json_body({"variants": [variant("x", 1)], "shadow": [{"name": "s", "model": "id_fp32", "version": 1}]}),
@@ -937,3 +937,16 @@ def test_a_routes_shadow_series_exist_at_zero_before_any_shadow_runs() -> None:
         value = metrics.registry.get_sample_value(f"gatewatch_shadow_{name}_total", {"endpoint": "mirrored",
                                                                                      "variant": "s"})
         assert value == 0.0, name
+
+
+def test_yaml_numbers_without_a_decimal_point_are_numbers() -> None:
+    """YAML 1.1 reads `1e-6` (design.md's own tolerance default) as a string: it must still parse as a number,
+    in an admin PUT and in the config file's `endpoints:` alike."""
+    document = yaml.safe_load(
+        "variants: [{name: a, model: tabular, weight: 1e2}]\n"
+        "shadow: [{name: s, model: tabular, tolerance: 1e-6, sample: 5e-1}]\n"
+    )
+    assert isinstance(document["shadow"][0]["tolerance"], str)  # what makes this case different
+    route = Route.model_validate(document)
+    assert route.variants[0].weight == 100.0
+    assert (route.shadow[0].tolerance, route.shadow[0].sample) == (1e-6, 0.5)
