@@ -77,6 +77,7 @@ class MlflowRegistry:
         self._cache = cache_dir
         self._client = httpx.AsyncClient(base_url=self._base, auth=auth, timeout=timeout)
         self._revisions: dict[tuple[str, int], str] = {}  # what the registry said each version is, last index
+        self._listed_any = False
         self.description = f"MLflow registry at {self._base} (cache {cache_dir})"
 
     async def aclose(self) -> None:
@@ -87,7 +88,9 @@ class MlflowRegistry:
     async def list_models(self) -> list[str]:
         models = await self._paged(f"{API}/registered-models/search", "registered_models", {})
         names = sorted(str(m["name"]) for m in models)
-        await asyncio.to_thread(self._forget_all_but, set(names))
+        if names or self._listed_any:  # a first listing that is empty may be a misconfigured server: keep the cache
+            await asyncio.to_thread(self._forget_all_but, set(names))
+        self._listed_any = self._listed_any or bool(names)
         return names
 
     async def index(self, model: str) -> ModelIndex:
@@ -271,12 +274,13 @@ class MlflowRegistry:
         shutil.rmtree(aside, ignore_errors=True)
 
     def _forget_all_but(self, models: set[str]) -> None:
-        """Drop the cached copies of models the registry no longer has, so that a gateway cold-started during a
-        later outage does not serve a deleted model from its cache."""
+        """Forget the models the registry no longer has, so that a gateway cold-started during a later outage does
+        not serve a deleted model from its cache. Only the index goes (the snapshot is built from it): version files
+        another process may be downloading right now stay, and are replaced if the name is registered again."""
         for path in self._cache.glob(f"*/{_INDEX}"):
             if path.parent.name not in models:
-                logger.info("%s: deleted from the registry; removing its cached copy", path.parent.name)
-                self._discard(path.parent)
+                logger.info("%s: no longer in the registry; its cached copy will not be served", path.parent.name)
+                path.unlink(missing_ok=True)
 
     def _remember_index(self, index: ModelIndex) -> None:
         directory = self._cache / index.model
@@ -290,9 +294,19 @@ class MlflowRegistry:
         for path in sorted(self._cache.glob(f"*/{_INDEX}")):
             raw = orjson.loads(path.read_bytes())
             cached = tuple(v for v in raw["versions"] if (path.parent / str(v) / _COMPLETE).is_file())
-            aliases = {a: v for a, v in raw["aliases"].items() if v in cached}
-            indexes.append(ModelIndex(path.parent.name, cached, aliases))
+            # Every alias is kept, cached or not: a champion whose version is missing from the cache must not
+            # send its traffic to another version. Revisions let a change seen once MLflow answers reload a version.
+            revisions = {v: _cached_revision(path.parent / str(v)) for v in cached}
+            indexes.append(ModelIndex(path.parent.name, cached, dict(raw["aliases"]), revisions))
         return indexes
+
+
+def _cached_revision(directory: Path) -> str:
+    """The registry's revision a cached copy was downloaded for ("" for copies written before it was recorded)."""
+    try:
+        return (directory / _REVISION).read_text()
+    except OSError:
+        return ""
 
 
 def _proxy_path(artifact_uri: str) -> str:
