@@ -162,7 +162,9 @@ async def _receive_raw(scope: Scope, receive: Receive, declared: str | None, lim
 
 
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
-_INLINE_DECOMPRESSION = 64 * 1024  # compressed bytes: larger bodies are inflated in a thread, off the event loop
+# Compressed bytes inflated on the event loop; larger bodies go to a thread. The bound is on the input because the
+# output is unknown until inflated: deflate expands at most ~1032:1, so this is ~1 MiB of work at worst.
+_INLINE_DECOMPRESSION = 1024
 
 
 async def _decompressed(raw: bytes, encoding: str, limit: int) -> bytes:
@@ -175,16 +177,26 @@ async def _decompressed(raw: bytes, encoding: str, limit: int) -> bytes:
 
 
 def _inflate(raw: bytes, wbits: int, encoding: str, limit: int) -> bytes:
-    inflater = zlib.decompressobj(wbits)
-    try:
-        body = inflater.decompress(raw, limit + 1)  # never more than the limit in memory: a small bomb stays small
-    except zlib.error as exc:
-        raise InvalidInput(f"the request body is not valid {encoding} data ({exc})") from None
-    if len(body) > limit:
-        raise PayloadTooLarge(f"request body exceeds max_body_bytes={limit} once decompressed")
-    if not inflater.eof:
-        raise InvalidInput(f"the request body ends before its {encoding} data does")
-    return body
+    """The whole body: every gzip member in turn (as gzip tools write them), never more than `limit` in memory."""
+    parts: list[bytes] = []
+    size, data = 0, raw
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            part = inflater.decompress(data, limit + 1 - size)  # a small bomb stays small
+        except zlib.error as exc:
+            raise InvalidInput(f"the request body is not valid {encoding} data ({exc})") from None
+        size += len(part)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds max_body_bytes={limit} once decompressed")
+        if not inflater.eof:
+            raise InvalidInput(f"the request body ends before its {encoding} data does")
+        parts.append(part)
+        data = inflater.unused_data
+        if not data:
+            return b"".join(parts)
+        if wbits == zlib.MAX_WBITS:  # deflate has no members: anything after its end is not part of the body
+            raise InvalidInput(f"the request body has {len(data)} bytes after the end of its deflate data")
 
 
 def _positive_number(raw: str | None, header: str) -> float | None:

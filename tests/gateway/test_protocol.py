@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,22 @@ def test_infer_compressed_request_from_tritonclient(
     assert np.allclose(result.as_numpy("probabilities"), expected["probabilities"], rtol=1e-6, atol=1e-7)
 
 
+def test_infer_gzip_body_of_several_members_is_read_whole(http: httpx.Client, model_registry: Path) -> None:
+    """`cat a.gz b.gz` is a valid gzip file: every member is part of the body, not just the first."""
+    x = tabular_rows(1, seed=4)
+    body = json.dumps(json_request("input", x, "FP32")).encode()
+    half = len(body) // 2
+    response = http.post(
+        "/v2/models/tabular/infer",
+        content=gzip.compress(body[:half]) + gzip.compress(body[half:]),
+        headers={"content-type": "application/json", "content-encoding": "gzip"},
+    )
+    assert response.status_code == 200, response.text
+    expected = run_onnx(model_registry, "tabular", 1, {"input": x})["probabilities"]
+    got = next(o for o in response.json()["outputs"] if o["name"] == "probabilities")["data"]
+    assert np.allclose(got, expected.ravel(), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize(
     ("encoding", "body", "status", "message"),
     [
@@ -183,8 +200,10 @@ def test_infer_compressed_request_from_tritonclient(
         ("gzip", b"not gzip at all", 400, "the request body is not valid gzip data"),
         ("gzip", gzip.compress(b'{"inputs": []}')[:-12], 400, "ends before its gzip data does"),
         ("gzip", gzip.compress(bytes(64 * 1024 * 1024 + 1)), 413, "exceeds max_body_bytes=67108864 once decompressed"),
+        ("gzip", gzip.compress(b'{"inputs": []}') + b"trailing junk", 400, "is not valid gzip data"),
+        ("deflate", zlib.compress(b'{"inputs": []}') + b"x", 400, "1 bytes after the end of its deflate data"),
     ],
-    ids=["unsupported", "corrupt", "truncated", "bomb"],
+    ids=["unsupported", "corrupt", "truncated", "bomb", "gzip-trailing", "deflate-trailing"],
 )
 def test_infer_compressed_request_refused(
     http: httpx.Client, encoding: str, body: bytes, status: int, message: str
