@@ -211,10 +211,11 @@ def routes_set(
     file = file or route_file
     if file is None:
         raise typer.BadParameter("give the route file: gatewatch routes set ENDPOINT FILE (or --file FILE)")
-    content_type = "application/json" if file.suffix == ".json" else "application/yaml"  # YAML reads JSON too
     if str(file) != "-" and not file.is_file():
         raise typer.BadParameter(f"no such route file: {file}")
     content = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
+    looks_json = file.suffix == ".json" or (str(file) == "-" and content.lstrip()[:1] in (b"{", b"["))
+    content_type = "application/json" if looks_json else "application/yaml"
     stored = _admin_call(
         "PUT", f"{url.rstrip('/')}/admin/endpoints/{endpoint}", token,
         content=content, headers={"content-type": content_type},

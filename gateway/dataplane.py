@@ -205,7 +205,7 @@ class DataPlane:
             if attempt.target is not None:
                 self._after(call, attempt, arrived_ms, status, elapsed * 1000, error)
             else:
-                rows = _stated_rows(call)
+                rows = _stated_rows(call) if self._served_as(call.name) is not None else 0  # logged: parse it
                 self.reject(call.name, call.request_id, arrived_ms, status, elapsed * 1000, error, rows)
 
     def refuse_early(self, name: str, request_id: str, arrived_ms: int, error: GatewayError) -> None:
@@ -305,7 +305,7 @@ class DataPlane:
     def _sticky_on_body_id(self, call: InferCall) -> bool:
         """Whether the request goes to an endpoint sticky on the request id without an `x-request-id` header: then
         the body's `id` (what tritonclient's `request_id=` sets) is the key, not an id generated for this request."""
-        if call.version is not None or REQUEST_ID_HEADER in call.headers:
+        if call.version is not None or call.headers.get(REQUEST_ID_HEADER):  # an empty one is none, as in v2.exchange
             return False
         route = self._router.get(call.name)
         return route is not None and route.route.sticky == "id"

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.cancellation import cancel_and_wait
@@ -65,11 +65,17 @@ class AlertDelivery:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def _recreate_group(self) -> None:
+    async def _recreate_group(self) -> bool:
         """The stream or its group vanished (Redis restarted empty, a DEL): events stored since are in the stream
-        the alert writer re-created, so the group starts at its beginning; receivers de-duplicate on event ids."""
+        the alert writer re-created, so the group starts at its beginning; receivers de-duplicate on event ids.
+        False when that failed too (the caller pauses and the next read tries again)."""
         logger.warning("the alerts stream or its delivery group is gone (Redis restarted empty?); creating it again")
-        await self.prepare(start="0")
+        try:
+            await self.prepare(start="0")
+        except RedisError as exc:
+            logger.warning("creating the delivery group failed (%s)", exc)
+            return False
+        return True
 
     def targets(self, event_type: str) -> list[str]:
         urls = list(self._urls)
@@ -92,9 +98,7 @@ class AlertDelivery:
                     await self._pause(stop)
                     continue
                 except ResponseError as exc:
-                    if "NOGROUP" in str(exc):
-                        await self._recreate_group()
-                    else:
+                    if "NOGROUP" not in str(exc) or not await self._recreate_group():
                         logger.error("reading the alerts stream failed (%s); retrying", exc)
                         await self._pause(stop)
                     continue

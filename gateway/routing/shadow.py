@@ -92,9 +92,10 @@ class ShadowMirror:
         outputs: list[tuple[str, np.ndarray]] | None = None
         input_types: dict[str, str] = {}
         try:
-            loaded = self._manager.resolve(shadow.model, shadow.version)
-            version, input_types = loaded.version, loaded.runner.input_types
             async with self._lane:
+                # Resolved once its turn comes: a version swapped or unloaded while it waited is not used.
+                loaded = self._manager.resolve(shadow.model, shadow.version)
+                version, input_types = loaded.version, loaded.runner.input_types
                 results = await loaded.batcher.infer(dict(primary.inputs), primary.rows, None)
             outputs = list(zip(loaded.runner.output_names, results, strict=True))
             regression = loaded.artifact.meta.get("task") == "regression"

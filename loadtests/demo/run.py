@@ -87,7 +87,7 @@ class Interruption:
     def _received(self, signum: signal.Signals) -> None:
         self.signal = signal.Signals(signum)
         self.event.set()
-        asyncio.get_running_loop().remove_signal_handler(signum)
+        self.uninstall()  # whichever comes next, SIGINT or SIGTERM, acts as usual
 
     @property
     def exit_code(self) -> int | None:

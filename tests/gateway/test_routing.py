@@ -404,6 +404,10 @@ async def test_sticky_by_request_id_uses_the_body_id_without_the_header(shared: 
     assert all(len(names) == 1 for names in per_id.values()), per_id
     assert {n for names in per_id.values() for n in names} == {"a", "b"}
     assert len({answer.request_id for answer in answers}) == 200  # the x-request-id is still generated per request
+    # An empty x-request-id header is no header (it is not the request id either): the body's id still keys.
+    empty_header = await drive(shared.url, "byid", 40, headers=lambda i: {"x-request-id": ""}, body=with_id)
+    for answer in empty_header:
+        assert answer.variant in per_id[f"body-{answer.index % 40}"]
 
 
 # -- shadows ------------------------------------------------------------------------------------------------
@@ -907,6 +911,10 @@ def test_cli_routes_set_and_get(shared: GatewayProcess, tmp_path: Path) -> None:
     piped = cli("set", "clinew", "-", "--url", shared.url, stdin="variants: [{name: navy, model: tabular, version: 1}]")
     assert piped.returncode == 0, piped.stderr
     assert yaml.safe_load(piped.stdout)["variants"] == [variant("navy", 1)]
+    tabbed_json = '{\n\t"variants": [{"name": "cyan", "model": "tabular", "version": 1}]\n}'  # not YAML: tabs
+    piped_json = cli("set", "clinew", "-", "--url", shared.url, stdin=tabbed_json)
+    assert piped_json.returncode == 0, piped_json.stderr
+    assert yaml.safe_load(piped_json.stdout)["variants"] == [variant("cyan", 1)]
     assert cli("set", "clinew", str(json_file), "--url", shared.url).returncode == 0
     no_file = cli("set", "clinew", "--url", shared.url)
     assert no_file.returncode == 2 and "route file" in no_file.stderr
