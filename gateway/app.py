@@ -69,46 +69,45 @@ def create_app(settings: Settings, metrics_registry: CollectorRegistry | None = 
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        logger.info("registry: %s", registry.description)
-        redis = await open_redis(settings.redis_url, settings.data_dir, settings.redis_timeout_seconds)
-        console_note(f"redis: {redis.description}")
-        writer = _log_writer(settings, redis, metrics, router) if settings.log_enabled else None
-        if writer is not None:
-            await writer.start()
-            dataplane.attach_log(writer)
-        try:
-            await manager.sync()
-        except RegistryUnavailable as exc:
-            logger.error("registry unavailable at start (%s); not ready until it answers", exc)
-        except RegistryError as exc:  # e.g. the URL answers but is no MLflow registry: say so, keep polling
-            logger.error("registry at start: %s; not ready until it answers as a registry", exc)
-        relay = FeedbackRelay(redis.client, router)
-        relay.start()
-        dataplane.attach_relay(relay)
-        store = RouteStore(redis.client, router, lambda endpoint, route: check_route(endpoint, route, signature))
-        await _load_routes(store, router, settings, signature)
-        admin.attach_store(store)
-        store.start(settings.route_resync_seconds)
-        shared_stats = SharedVariantStats(redis.client, router, settings.redis_timeout_seconds)
-        shared_stats.start()
-        admin.attach_shared_stats(shared_stats)
-        poller = asyncio.create_task(manager.poll_forever(settings.registry_poll_seconds), name="registry poller")
-        _tune_garbage_collector()
-        try:
-            yield
-        finally:
-            # uvicorn has stopped accepting and answered in-flight requests by now.
-            await cancel_and_wait([poller])
-            await shared_stats.aclose()
-            await store.aclose()
-            await relay.aclose()
-            await shadows.aclose()  # shadows of the last requests still use the batchers
-            await manager.aclose()  # drain every batcher
+        # Every part is closed in reverse order of start, also when start-up fails half-way (a bad route in the
+        # config file must not leave an embedded Redis running).
+        async with contextlib.AsyncExitStack() as cleanup:
+            cleanup.push_async_callback(registry.aclose)
+            cleanup.callback(executor.shutdown, wait=True)
+            logger.info("registry: %s", registry.description)
+            redis = await open_redis(settings.redis_url, settings.data_dir, settings.redis_timeout_seconds)
+            cleanup.push_async_callback(redis.aclose)
+            console_note(f"redis: {redis.description}")
+            writer = _log_writer(settings, redis, metrics, router) if settings.log_enabled else None
             if writer is not None:
-                await writer.aclose()  # flush the log queue: to Redis, else to the spool
-            await redis.aclose()
-            executor.shutdown(wait=True)
-            await registry.aclose()
+                await writer.start()
+                cleanup.push_async_callback(writer.aclose)  # flush the log queue: to Redis, else to the spool
+                dataplane.attach_log(writer)
+            cleanup.push_async_callback(manager.aclose)  # drain every batcher
+            cleanup.push_async_callback(shadows.aclose)  # shadows of the last requests still use the batchers
+            try:
+                await manager.sync()
+            except RegistryUnavailable as exc:
+                logger.error("registry unavailable at start (%s); not ready until it answers", exc)
+            except RegistryError as exc:  # e.g. the URL answers but is no MLflow registry: say so, keep polling
+                logger.error("registry at start: %s; not ready until it answers as a registry", exc)
+            relay = FeedbackRelay(redis.client, router)
+            relay.start()
+            cleanup.push_async_callback(relay.aclose)
+            dataplane.attach_relay(relay)
+            store = RouteStore(redis.client, router, lambda endpoint, route: check_route(endpoint, route, signature))
+            await _load_routes(store, router, settings, signature)
+            admin.attach_store(store)
+            store.start(settings.route_resync_seconds)
+            cleanup.push_async_callback(store.aclose)
+            shared_stats = SharedVariantStats(redis.client, router, settings.redis_timeout_seconds)
+            shared_stats.start()
+            cleanup.push_async_callback(shared_stats.aclose)
+            admin.attach_shared_stats(shared_stats)
+            poller = asyncio.create_task(manager.poll_forever(settings.registry_poll_seconds), name="registry poller")
+            cleanup.push_async_callback(cancel_and_wait, [poller])
+            _tune_garbage_collector()
+            yield  # uvicorn has stopped accepting and answered in-flight requests when this returns
 
     app = GatewayApp(
         title="gatewatch",

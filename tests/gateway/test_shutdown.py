@@ -131,6 +131,21 @@ def test_serve_on_a_busy_port_exits_with_the_error_and_stops_its_redis(model_reg
     assert redis_servers_running_in(str(tmp_path)) == []
 
 
+def test_serve_that_fails_to_start_stops_its_redis(model_registry: Path, tmp_path: Path) -> None:
+    """An invalid route in the config file stops start-up half-way (after the embedded Redis, the log writer and
+    the registry sync): what did start is closed, the embedded Redis included."""
+    config = write_config(tmp_path / "gatewatch.yaml", model_registry)
+    with config.open("a") as handle:
+        handle.write("endpoints:\n  broken: {variants: []}\n")
+    command = [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+               "--config", str(config)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "invalid route for 'broken'" in done.stderr + done.stdout
+    assert "embedded redis" in done.stderr + done.stdout  # it did get that far
+    assert redis_servers_running_in(str(tmp_path)) == []
+
+
 async def test_cancel_and_wait_cancels_again_a_task_that_swallowed_its_cancellation() -> None:
     swallowed = asyncio.Event()
 
