@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import stat
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from registry_client.base import (
 )
 from registry_client.errors import RegistryError, RegistryUnavailable, VersionNotFound
 
+logger = logging.getLogger(__name__)
+
 
 class DirectoryRegistry:
     """Versions are the positive-integer subdirectories that hold a `model.onnx`.
@@ -30,6 +33,7 @@ class DirectoryRegistry:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.description = f"directory {root}"
+        self._misplaced_reported: set[str] = set()
 
     async def list_models(self) -> list[str]:
         return await asyncio.to_thread(self._list_models)
@@ -57,7 +61,23 @@ class DirectoryRegistry:
             for p in model_dir.iterdir()
             if _is_version_name(p.name) and (revision := _revision(p)) is not None
         }
+        if not revisions:
+            self._report_if_a_registry(model_dir)
         return ModelIndex(model, tuple(sorted(revisions)), self._aliases(model_dir), revisions)
+
+    def _report_if_a_registry(self, model_dir: Path) -> None:
+        """A "model" without versions whose subdirectories hold versions is a registry itself: `registry` most
+        likely names its parent. Said once (a model without versions yet is normal, and stays quiet)."""
+        if model_dir.name in self._misplaced_reported:
+            return
+        for child in model_dir.iterdir():
+            if child.is_dir() and any(_is_version_name(p.name) and (p / MODEL_FILE).is_file() for p in child.iterdir()):
+                self._misplaced_reported.add(model_dir.name)
+                logger.warning(
+                    "registry %s: %r holds models (such as %r), not versions: should `registry` be %s?",
+                    self.root, model_dir.name, child.name, model_dir,
+                )
+                return
 
     def _aliases(self, model_dir: Path) -> dict[str, int]:
         path = model_dir / ALIASES_FILE

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -315,3 +316,21 @@ async def test_sync_follows_new_version_and_alias_move(three_versions: Path, man
     assert manager.resolve("m", "latest").version == 5
     with pytest.raises(ModelNotFound, match="no alias 'challenger'"):
         manager.resolve("m", "challenger")
+
+
+async def test_a_registry_given_by_its_parent_directory_is_reported_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`registry: ./` instead of `./models`: the registry's models look like versions-less "models" of a model
+    named `models`; say what is likely wrong, once, instead of silently serving nothing."""
+    om.write_version(tmp_path / "models", "fraud", 1, om.identity("FP32"))
+    (tmp_path / "empty-model").mkdir()  # a model with no versions yet: nothing to say
+    registry = DirectoryRegistry(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="registry_client.local"):
+        for _ in range(3):
+            for name in await registry.list_models():
+                assert (await registry.index(name)).versions == ()
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert "'models' holds models (such as 'fraud'), not versions" in warnings[0]
+    assert f"should `registry` be {tmp_path / 'models'}?" in warnings[0]
