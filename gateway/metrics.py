@@ -147,16 +147,38 @@ class ModelEventCounting:
     Every worker process mirrors the registry on its own, so each event happens once per worker; the multiprocess
     counters would add them up (two workers: one refused version counted twice). One worker counts them: the one
     holding a lock on a file in the metrics directory. When it exits the lock is free, and the next worker with an
-    event to count takes it over.
+    event to count takes it over. The first start-up counted is the gateway's: a worker that starts later (one
+    uvicorn restarted) loads what is already counted, so its start-up counts nothing.
     """
 
     def __init__(self, metrics_dir: str | None) -> None:
         self._path = None if metrics_dir is None else Path(metrics_dir) / "model-events.lock"
         self._held: IO[str] | None = None
+        self._counts_start_up: bool | None = None  # decided at this process's first start-up event
 
-    def counts(self) -> bool:
-        if self._path is None or self._held is not None:
+    def counts(self, start_up: bool = False) -> bool:
+        """Whether to count an event; `start_up` for events of this process's first look at the registry."""
+        if self._path is None:
             return True
+        if not start_up:
+            return self._hold()
+        if self._counts_start_up is None:
+            marker = self._path.with_name("model-events.start-up-counted")
+            self._counts_start_up = not marker.exists() and self._hold()  # a late start-up takes no lock
+            if self._counts_start_up:
+                marker.touch()
+        return self._counts_start_up
+
+    def close(self) -> None:
+        """Give the lock up (exiting does too)."""
+        if self._held is not None:
+            self._held.close()
+            self._held = None
+
+    def _hold(self) -> bool:
+        if self._held is not None:
+            return True
+        assert self._path is not None
         handle = self._path.open("a")  # a local file, once per event until held: not worth a thread
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

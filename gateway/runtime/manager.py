@@ -291,13 +291,13 @@ class ModelManager:
         serving = model in self._models and version in self._models[model].versions
         still = "; its earlier files serve on" if serving else ""
         logger.error("refused %s v%s [%s]: %s%s", model, version, reason, detail, still)
-        if self._metrics.model_events.counts():
+        if self._metrics.model_events.counts(start_up=not self.ready):
             self._metrics.model_load_failures.labels(model, str(version), reason).inc()
         self._count_reload(model, "failed")
         return reason
 
     def _count_reload(self, model: str, outcome: str) -> None:
-        if self._metrics.model_events.counts():  # once per gateway, not once per worker process
+        if self._metrics.model_events.counts(start_up=not self.ready):  # once per gateway, not once per worker
             self._metrics.model_reloads.labels(model, outcome).inc()
 
     async def _unload(self, loaded: LoadedVersion) -> None:

