@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.cancellation import cancel_and_wait
 from gateway.errors import GatewayError, NotReady
@@ -93,7 +94,7 @@ class RouteStore:
                 pipe.publish(CHANNEL, endpoint)
                 await pipe.execute()
         except RedisError as exc:
-            raise NotReady(f"route store (redis) unavailable, route not changed: {exc}") from exc
+            raise _store_failure(exc, "change") from exc
         self._target.apply(endpoint, route)
 
     async def delete(self, endpoint: str) -> None:
@@ -104,7 +105,7 @@ class RouteStore:
                 pipe.publish(CHANNEL, endpoint)
                 await pipe.execute()
         except RedisError as exc:
-            raise NotReady(f"route store (redis) unavailable, route not deleted: {exc}") from exc
+            raise _store_failure(exc, "deletion") from exc
         self._target.remove(endpoint)
 
     def start(self, resync_seconds: float) -> None:
@@ -148,3 +149,14 @@ class RouteStore:
         if only is None:
             for endpoint in set(self._target.endpoints()) - set(stored):
                 self._target.remove(endpoint)
+
+
+def _store_failure(exc: RedisError, change: str) -> NotReady:
+    """503 for an admin call Redis did not confirm. A timeout is not a refusal: the command may have reached Redis
+    and still run (a slow or paused server), so the client is told the outcome is unknown, not that nothing changed."""
+    if isinstance(exc, RedisTimeoutError):
+        return NotReady(
+            f"route store (redis) did not answer in time ({exc}): the {change} may still take effect; "
+            "GET the endpoint to see the stored route"
+        )
+    return NotReady(f"route store (redis) unavailable, nothing changed: {exc}")

@@ -46,7 +46,7 @@ from gateway.routing.shadow import ShadowMetrics, ShadowMirror
 from gateway.routing.table import Route
 from gateway.runtime.manager import ModelManager
 from loadtests import onnx_models as om
-from tests.conftest import GatewayProcess, RedisServer, start_gateway
+from tests.conftest import GatewayProcess, RedisServer, free_port, start_gateway
 
 T = TypeVar("T")
 
@@ -958,3 +958,36 @@ def test_yaml_numbers_without_a_decimal_point_are_numbers() -> None:
     route = Route.model_validate(document)
     assert route.variants[0].weight == 100.0
     assert (route.shadow[0].tolerance, route.shadow[0].sample) == (1e-6, 0.5)
+
+
+async def test_admin_change_redis_did_not_confirm_says_whether_it_may_still_apply(
+    registry: Path, tmp_path: Path, launch: Callable[[Path], GatewayProcess]
+) -> None:
+    """A timeout is not a refusal: a PUT sent to a Redis that is stalled (DEBUG SLEEP) may still be applied when
+    it wakes, so the client is told the outcome is unknown; with Redis down, nothing changed and the old route
+    serves on."""
+    (tmp_path / "redis").mkdir()
+    own = RedisServer(free_port(), tmp_path / "redis")
+    own.start()
+    try:
+        config = gateway_config(tmp_path / "gw", registry, own.url, {"ep": AB}, redis_timeout_seconds=0.5)
+        gateway = await asyncio.to_thread(launch, config)
+        changed = {"variants": [variant("only", "challenger")]}
+        async with admin_client(gateway) as client:
+            sleeper = asyncio.create_task(asyncio.to_thread(own.client().execute_command, "DEBUG", "SLEEP", "2"))
+            await asyncio.sleep(0.2)  # the scenario: Redis stalls while the PUT is under way
+            stalled = await client.put("/admin/endpoints/ep", json=changed)
+            assert stalled.status_code == 503, stalled.text
+            assert "may still take effect" in stalled.json()["error"]
+            await sleeper
+
+            async def applied() -> bool:
+                return (await client.get("/admin/endpoints/ep")).json()["variants"][0]["name"] == "only"
+
+            await eventually(applied, 10.0, "the change Redis ran once awake, seen by the gateway")
+            await asyncio.to_thread(own.stop)
+            down = await client.put("/admin/endpoints/ep", json=AB)
+            assert down.status_code == 503 and "nothing changed" in down.json()["error"]
+            assert (await client.get("/admin/endpoints/ep")).json()["variants"][0]["name"] == "only"
+    finally:
+        own.stop()
