@@ -28,7 +28,7 @@ from gateway.payload_log.writer import LogMetrics, LogWriter, WriterLimits
 from gateway.protocol.codecs import TensorSpec
 from gateway.protocol.types import Feedback, InferenceRequest
 from gateway.records import PayloadPolicy
-from gateway.redis_connection import RedisConnection, open_redis
+from gateway.redis_connection import RedisConnection, open_redis, report_if_unreachable
 from gateway.routing.admin import RouteAdmin
 from gateway.routing.feedback_relay import FeedbackRelay
 from gateway.routing.router import Router
@@ -78,6 +78,7 @@ def create_app(settings: Settings, metrics_registry: CollectorRegistry | None = 
             redis = await open_redis(settings.redis_url, settings.data_dir, settings.redis_timeout_seconds)
             cleanup.push_async_callback(redis.aclose)
             console_note(f"redis: {redis.description}")
+            await report_if_unreachable(redis)  # then serve anyway: logs spool, routes come from the config file
             writer = _log_writer(settings, redis, metrics, router) if settings.log_enabled else None
             if writer is not None:
                 await writer.start()

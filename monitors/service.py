@@ -8,6 +8,7 @@ streams over at once, re-reading what was pending), webhook deliveries in flight
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -19,8 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from gateway.redis_connection import open_redis
+from gateway.redis_connection import open_redis, tls_hint
 from gateway.settings import Settings
 from monitors.alerts import AlertRules
 from monitors.analysis import DriftSettings
@@ -81,6 +83,8 @@ async def _serve(settings: Settings, metrics: MonitorMetrics) -> None:
     if settings.webhook_urls and settings.webhook_secret is None:
         logger.warning("webhook_urls set without webhook_secret: webhooks will go unsigned")
     try:
+        if not await _until_redis_answers(connection.client, connection.description, stop):
+            return  # stopped while waiting
         worker = _build(settings, metrics, worker_id, connection.client, registry, executor, client)
         await worker.run(stop)
     finally:
@@ -90,6 +94,23 @@ async def _serve(settings: Settings, metrics: MonitorMetrics) -> None:
             await registry.aclose()
         await connection.aclose()
         logger.info("monitor worker %s stopped", worker_id)
+
+
+async def _until_redis_answers(redis: Redis, description: str, stop: asyncio.Event) -> bool:
+    """Wait (with a growing pause) for Redis to answer: started beside it, on Kubernetes for one, the monitor must
+    not crash-loop while Redis comes up. False when stopped first."""
+    pause = 0.5
+    while not stop.is_set():
+        try:
+            await redis.ping()
+            return True
+        except RedisError as exc:
+            logger.warning("%s does not answer (%s)%s; trying again in %.0fs", description, exc, tls_hint(description),
+                           pause)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), pause)
+        pause = min(pause * 2, 10.0)
+    return False
 
 
 def _build(

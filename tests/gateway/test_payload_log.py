@@ -759,3 +759,19 @@ async def test_writer_spools_while_redis_is_unreachable_and_a_later_writer_repla
     assert [entry["id"] for entry in entries(redis_client)] == [f"req-{i}" for i in range(int(spooled))]
     assert counter(up_metrics, "replayed") == spooled
     assert list(spool_dir.glob("*.spool")) == []
+
+
+async def test_a_rediss_url_to_a_plain_redis_is_reported_with_a_hint(
+    model_registry: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """TLS spoken to a server without it only ever times out: the gateway says so once, and serves anyway."""
+    config = write_config(
+        tmp_path / "gatewatch.yaml", model_registry, redis_url=f"rediss://127.0.0.1:{redis_server.port}/0",
+        redis_timeout_seconds=0.5,
+    )
+    gateway = await asyncio.to_thread(start_gateway, config, tmp_path)  # ready: it serves without Redis
+    try:
+        assert "does not answer at start" in gateway.log()
+        assert "rediss:// needs a server that speaks TLS" in gateway.log()
+    finally:
+        await asyncio.to_thread(gateway.terminate)
