@@ -252,14 +252,15 @@ class DataPlane:
             self._shadows.mirror(route.route.shadow, primary)
 
     async def _infer_on(self, call: InferCall, attempt: _Attempt) -> InferAnswer:
-        if self._sticky_on_body_id(call):  # the variant depends on the body's `id`: read it before routing
-            raw_json, binary = split_body(call.body, call.header_length)
-            header = parse_header(raw_json)
-            attempt.target = target = self._route(call, header.get("id"))
+        route = self._router.get(call.name) if call.version is None else None
+        if route is not None and route.route.sticky == "id" and not call.headers.get(REQUEST_ID_HEADER):
+            # The key is the body's `id` (tritonclient's request_id=), not an id generated for this request: read
+            # the body before routing. An empty header is none, as in v2.exchange.
+            raw_json, binary, header = _read_body(call)
+            attempt.target = target = self._target(call, route, header.get("id"))
         else:
-            attempt.target = target = self._route(call)
-            raw_json, binary = split_body(call.body, call.header_length)
-            header = parse_header(raw_json)
+            attempt.target = target = self._target(call, route)  # first: a bad body still counts for its variant
+            raw_json, binary, header = _read_body(call)
         loaded = target.loaded
         runner = loaded.runner
         try:
@@ -302,17 +303,9 @@ class DataPlane:
             if route is not None and route.route.strategy == "bandit":
                 self._relay.publish(name, request_id, payload.get("label"), value)  # another process answered it
 
-    def _sticky_on_body_id(self, call: InferCall) -> bool:
-        """Whether the request goes to an endpoint sticky on the request id without an `x-request-id` header: then
-        the body's `id` (what tritonclient's `request_id=` sets) is the key, not an id generated for this request."""
-        if call.version is not None or call.headers.get(REQUEST_ID_HEADER):  # an empty one is none, as in v2.exchange
-            return False
-        route = self._router.get(call.name)
-        return route is not None and route.route.sticky == "id"
-
-    def _route(self, call: InferCall, body_id: object = None) -> _Target:
+    def _target(self, call: InferCall, route: CompiledRoute | None, body_id: object = None) -> _Target:
         """An endpoint's route picks a variant; a model name (or a pinned version) bypasses any split."""
-        if call.version is None and (route := self._router.get(call.name)) is not None:
+        if route is not None:
             sticky_id = body_id if isinstance(body_id, str) and body_id else call.request_id
             _, variant = route.pick(sticky_id, call.headers)
             return _Target(self._manager.resolve(variant.model, variant.version), variant.name, route)
@@ -373,11 +366,16 @@ def _exchange(
     )
 
 
+def _read_body(call: InferCall) -> tuple[bytes, memoryview, dict[str, Any]]:
+    """The JSON part (raw and parsed) and the binary part of a request body; 400 when malformed."""
+    raw_json, binary = split_body(call.body, call.header_length)
+    return raw_json, binary, parse_header(raw_json)
+
+
 def _stated_rows(call: InferCall) -> int:
     """The batch size a request refused before it reached a version states for itself (0 when unreadable)."""
     try:
-        raw_json, _ = split_body(call.body, call.header_length)
-        return declared_rows(parse_header(raw_json), True)
+        return declared_rows(_read_body(call)[2], True)
     except GatewayError:
         return 0
 

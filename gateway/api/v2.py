@@ -135,9 +135,8 @@ async def receive_body(
     408 when it stopped arriving (`BODY_STALLED`) and 499 when the client left before sending it all; a gzip or
     deflate body (`Content-Encoding`, as tritonclient's request compression sends) comes back decompressed."""
     raw = await _receive_raw(scope, receive, declared, limit)
-    if encoding is None or encoding.strip().lower() in ("", "identity"):
-        return raw
-    return await _decompressed(raw, encoding.strip().lower(), limit)
+    coding = "" if encoding is None else encoding.strip().lower()
+    return raw if coding in ("", "identity") else await _decompressed(raw, coding, limit)
 
 
 async def _receive_raw(scope: Scope, receive: Receive, declared: str | None, limit: int) -> bytes:

@@ -356,12 +356,10 @@ def _requested_outputs(
 ) -> list[RequestedOutput]:
     default_binary = _flag(parameters, "binary_data_output", False, "parameters")
     requested = header.get("outputs")
-    if not requested:  # absent or [] (as Triton and KServe read it): every output
-        if requested is not None and not isinstance(requested, list):
-            raise InvalidInput("'outputs' must be a list of {name, parameters} objects")
-        return [RequestedOutput(spec.name, default_binary) for spec in outputs]
-    if not isinstance(requested, list):
+    if requested is not None and not isinstance(requested, list):
         raise InvalidInput("'outputs' must be a list of {name, parameters} objects")
+    if not requested:  # absent or [] (as Triton and KServe read it): every output
+        return [RequestedOutput(spec.name, default_binary) for spec in outputs]
     known = {spec.name for spec in outputs}
     chosen: list[RequestedOutput] = []
     for entry in requested:
@@ -372,10 +370,9 @@ def _requested_outputs(
             raise InvalidInput(f"unknown output {name!r}; the model has outputs {', '.join(sorted(known))}")
         if any(earlier.name == name for earlier in chosen):
             raise InvalidInput(f"output {name!r} is requested more than once")
-        where = f"output {name!r} parameters"
-        chosen.append(
-            RequestedOutput(name, _flag(_parameters(entry, f"output {name!r}"), "binary_data", default_binary, where))
-        )
+        parameters = _parameters(entry, f"output {name!r}")
+        binary = _flag(parameters, "binary_data", default_binary, f"output {name!r} parameters")
+        chosen.append(RequestedOutput(name, binary))
     return chosen
 
 

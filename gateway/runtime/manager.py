@@ -260,7 +260,8 @@ class ModelManager:
         self, model: str, version: int, serving: LoadedVersion | None = None
     ) -> tuple[LoadedVersion | None, str]:
         """Fetch, verify and load a version; `serving` is the copy of it already loaded, when its files changed."""
-        if serving is not None:
+        replacing = serving is not None
+        if replacing:
             logger.info("%s v%s: its files changed in the registry; loading them again", model, version)
         try:
             artifact = await self._registry.fetch(model, version)
@@ -268,18 +269,18 @@ class ModelManager:
                 OnnxRunner.load, artifact.model_path, self._session_options, self._executor
             )
         except ArtifactRejected as exc:
-            return None, self._refuse(model, version, exc.reason, str(exc))
+            return None, self._refuse(model, version, exc.reason, str(exc), replacing)
         except RegistryUnavailable:
             raise  # transient: try this version again at the next poll
         except RegistryError as exc:
-            return None, self._refuse(model, version, "fetch_failed", str(exc))
+            return None, self._refuse(model, version, "fetch_failed", str(exc), replacing)
         except UnsupportedModel as exc:
-            return None, self._refuse(model, version, "unsupported", str(exc))
+            return None, self._refuse(model, version, "unsupported", str(exc), replacing)
         except Exception as exc:  # onnxruntime raises its own types for a file it cannot load
-            return None, self._refuse(model, version, "invalid_model", f"onnxruntime cannot load it: {exc}")
+            return None, self._refuse(model, version, "invalid_model", f"onnxruntime cannot load it: {exc}", replacing)
         if serving is not None and (reason := incompatibility(serving.runner, runner)) is not None:
             detail = f"its new files cannot replace the served ones: {reason}"
-            return None, self._refuse(model, version, "incompatible", detail)
+            return None, self._refuse(model, version, "incompatible", detail, replacing)
         label = f"{model} v{version}"
         batcher = AdaptiveBatcher(runner, self._limits_for(model), self._metrics.for_version(model, version), label)
         self._metrics.model_loaded.labels(model, str(version)).set(1)
@@ -287,18 +288,21 @@ class ModelManager:
         logger.info("loaded %s (%s, batching %s)", label, artifact.directory, "on" if runner.batched else "off")
         return LoadedVersion(artifact, runner, batcher), ""
 
-    def _refuse(self, model: str, version: int, reason: str, detail: str) -> str:
-        serving = model in self._models and version in self._models[model].versions
+    def _refuse(self, model: str, version: int, reason: str, detail: str, serving: bool) -> str:
         still = "; its earlier files serve on" if serving else ""
         logger.error("refused %s v%s [%s]: %s%s", model, version, reason, detail, still)
-        if self._metrics.model_events.counts(start_up=not self.ready):
+        if self._counts_events():
             self._metrics.model_load_failures.labels(model, str(version), reason).inc()
-        self._count_reload(model, "failed")
+            self._metrics.model_reloads.labels(model, "failed").inc()
         return reason
 
     def _count_reload(self, model: str, outcome: str) -> None:
-        if self._metrics.model_events.counts(start_up=not self.ready):  # once per gateway, not once per worker
+        if self._counts_events():
             self._metrics.model_reloads.labels(model, outcome).inc()
+
+    def _counts_events(self) -> bool:
+        """Once per gateway, not once per worker process (see ModelEventCounting)."""
+        return self._metrics.model_events.counts(start_up=not self.ready)
 
     async def _unload(self, loaded: LoadedVersion) -> None:
         self._metrics.model_loaded.labels(loaded.model, str(loaded.version)).set(0)
